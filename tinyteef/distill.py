@@ -1,0 +1,133 @@
+"""Alg. 1: distilling a teacher's guided sampler into a one-pass student.
+
+    student <- copy of teacher                                         (line 1)
+    repeat:
+      x0, c ~ data; t ~ p(t); w ~ U[w_min, w_max]; eps ~ N(0, I)       (lines 3-6)
+      x_t = (1 - t) x0 + t eps                                         (line 7)
+      target = (1 + w) v_T(x_t, t, c) - w v_T(x_t, t, ∅)               (line 8, Eq. 2)
+      if reflection: refine target with Eq. 3-4                        (lines 9-11)
+      z^ from Eq. 7; loss = || v_S(x_t, z^) - target ||^2              (lines 12-13)
+      optimizer step                                                   (line 14)
+
+`distill_step` is the loop body up to the backward pass; the update (line 14) is the caller's, so a
+training script can accumulate gradients over several calls. Both train_toy.py and train_sd3.py
+call it. Several students may share one teacher target (the toy trains TeEFusion, DistillCFG and the
+G(psi(w)) ablation on the same W2SD+CFG targets).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F_
+
+from .flow import interpolate, next_t, sample_t_logit_normal
+from .guidance import STUDENT_KINDS, Text, guided_velocity, student_velocity
+from .samplers import reflect
+
+TEACHERS = ("cfg", "zsampling", "w2sd")
+REFLECTION_TARGETS = ("reach", "refined")
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = "w2sd"  # the teacher's sampler: cfg | zsampling | w2sd
+    w_min: float = 2.0  # w ~ U[w_min, w_max], paper's convention (Sec. 6.1: [2, 14])
+    w_max: float = 14.0
+    w_inv: float = -1.0  # Z-Sampling's inversion guidance (paper's w; -1 = unconditional)
+    w_weak: float = 0.0  # W2SD's weak-model guidance (paper's w; 0 = conditional only)
+    sample_steps: int = 28  # the grid the student will sample with: sets the reflection step
+    shift: float = 3.0  # ... and its time shift (SD3 at 1024 px: 3; toy: 1)
+    reflection_target: str = "reach"  # reach | refined, see teacher_target
+    t_mean: float = 0.0  # logit-normal p(t), as the SD3 teacher was trained
+    t_std: float = 1.0
+
+    def __post_init__(self):
+        if self.teacher not in TEACHERS:
+            raise ValueError(f"unknown teacher {self.teacher!r}; choose one of {', '.join(TEACHERS)}")
+        if self.reflection_target not in REFLECTION_TARGETS:
+            raise ValueError(f"unknown reflection_target {self.reflection_target!r}; "
+                             f"choose one of {', '.join(REFLECTION_TARGETS)}")
+        if not self.w_min <= self.w_max:
+            raise ValueError(f"need w_min <= w_max, got {self.w_min} > {self.w_max}")
+
+
+@dataclass
+class Student:
+    """A student being distilled. `net` runs its forward (a DDP wrapper); default: `model`."""
+
+    model: torch.nn.Module
+    kind: str = "teefusion"  # teefusion | distillcfg | gpsi_ablation
+    H: torch.nn.Module | None = None  # DistillCFG's guidance MLP, for kind "distillcfg"
+    net: object = None
+
+    def __post_init__(self):
+        if self.kind not in STUDENT_KINDS:
+            raise ValueError(f"unknown student kind {self.kind!r}; choose one of {', '.join(STUDENT_KINDS)}")
+
+
+def sample_training_point(x0, cfg: DistillConfig, generator=None):
+    """Alg. 1 lines 4-7: t ~ logit-normal, w ~ U[w_min, w_max], eps ~ N(0, I), x_t on the path.
+    x0 (B, C, H, W) -> x_t like x0, t (B,), w (B,)."""
+    B, dev = x0.shape[0], x0.device
+    t = sample_t_logit_normal(B, cfg.t_mean, cfg.t_std, generator, dev)
+    w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(B, generator=generator, device=dev)
+    eps = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
+    return interpolate(x0, eps, t), t, w
+
+
+@torch.no_grad()
+def teacher_target(teacher, x_t, t, w, c: Text, u: Text, cfg: DistillConfig, weak=None):
+    """Alg. 1 lines 8-11: what the student's one pass must predict at (x_t, t, w).
+
+    cfg:       Eq. 2, (1 + w) v_T(x_t, c) - w v_T(x_t, ∅).
+    zsampling: reflection (Eq. 3-4) with the teacher inverting at cfg.w_inv.
+    w2sd:      reflection with `weak` inverting at cfg.w_weak.
+
+    The paper gives no formula for the reflection target and the authors released no training
+    code. Default ("reach", METHOD §6): one reflection step takes x_t to the teacher's x_{t-Δ};
+    the student takes plain Euler steps of the same size Δ, so its target is the velocity that
+    reaches that point in one Euler step, (x_{t-Δ} - x_t) / (-Δ). Δ is the step of the student's
+    sampling grid at t (flow.next_t with cfg.sample_steps, cfg.shift). Alternative ("refined"):
+    the strong teacher's CFG velocity at the reflected point x~, v_T^w(x~, t).
+    """
+    v_strong = lambda y, s: guided_velocity(teacher, y, s, c, u, w)
+    if cfg.teacher == "cfg":
+        return v_strong(x_t, t)
+    if cfg.teacher == "w2sd" and weak is None:
+        raise ValueError("the w2sd teacher needs a weak model to invert with (Eq. 3)")
+    inverter, w_inv = (teacher, cfg.w_inv) if cfg.teacher == "zsampling" else (weak, cfg.w_weak)
+    v_weak = lambda y, s: guided_velocity(inverter, y, s, c, u, w_inv)
+    t_next = next_t(t, cfg.sample_steps, cfg.shift)  # (B,), < t
+    x_tilde, x_next = reflect(x_t, t, t_next, v_strong, v_weak)
+    if cfg.reflection_target == "refined":
+        return v_strong(x_tilde, t)
+    dt = (t_next - t).reshape(-1, *([1] * (x_t.ndim - 1)))
+    return (x_next - x_t) / dt
+
+
+def student_loss(student: Student, x_t, t, w, c: Text, u: Text, target):
+    """Alg. 1 lines 12-13: the student's one-pass velocity with z^ (Eq. 7, or a baseline's term)
+    against the teacher's target, mean squared error in float32."""
+    v = student_velocity(student.model, x_t, t, c, u, w, student.kind, student.H, net=student.net)
+    return F_.mse_loss(v.float(), target.float())
+
+
+def distill_step(students, teacher, x0, c: Text, u: Text, cfg: DistillConfig, weak=None,
+                 generator=None, loss_scale=1.0):
+    """One pass of Alg. 1's loop body (lines 3-13) for one batch: draw (t, w, eps), compute the
+    teacher's target once, and for each student compute its loss and back-propagate
+    loss * loss_scale (1 / accumulation steps). The optimizer update is the caller's.
+
+    students: a list of Student; x0 (B, C, H, W); c the batch's prompts, u the empty prompt (any
+    batch size that broadcasts, e.g. 1). Returns the unscaled losses, one float per student.
+    """
+    B = x0.shape[0]
+    u = u.expand(B)
+    x_t, t, w = sample_training_point(x0, cfg, generator)
+    target = teacher_target(teacher, x_t, t, w, c, u, cfg, weak)
+    losses = []
+    for s in students:
+        loss = student_loss(s, x_t, t, w, c, u, target)
+        (loss * loss_scale).backward()
+        losses.append(loss.item())
+    return losses

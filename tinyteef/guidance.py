@@ -1,0 +1,136 @@
+"""Guidance: CFG (Eq. 2), naive embedding fusion (Eq. 5), and the students' guidance terms:
+TeEFusion (Eq. 7), DistillCFG (Meng et al. 2023) and the G(psi(w)) ablation (Table 3).
+
+Convention: `w` is the paper's guidance weight, v = (1 + w) v(c) - w v(∅). diffusers'
+`guidance_scale` is w + 1 (`w_from_guidance_scale`). Every w below may be a Python number or a
+(B,) tensor (one w per sample, as Alg. 1 draws them).
+
+A "net" is anything called as net(x, t, tokens, pooled, extra=None) -> v: an MMDiT, a DDP wrapper
+of one, or the pass counter of samplers.py. The students' terms read G and F from the model itself.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .flow import per_sample
+from .mmdit import PSI_DIM, MLPEmbedder, psi_scaled
+
+# The authors' released code divides the product G(psi(w)) * F(c - ∅) by 256 before adding it to
+# z (AIDC-AI/TeEFusion, pipelines/sd3_model.py). The paper's Eq. 7 omits it. We keep it so that
+# their released student and ours are interchangeable; it keeps the new term small next to
+# G(psi(t)) + F(c) when distillation starts from the teacher.
+TEEFUSION_DIVISOR = 256.0
+
+STUDENT_KINDS = ("teefusion", "distillcfg", "gpsi_ablation")
+
+
+@dataclass
+class Text:
+    """A text condition in SD3's two parts: c (a prompt) or ∅ (the empty prompt)."""
+
+    tokens: torch.Tensor  # (B, L, joint_attention_dim), what the joint attention sees
+    pooled: torch.Tensor  # (B, pooled_projection_dim), what drives adaLN through F
+
+    def expand(self, B):
+        """The same condition for B samples (∅ is usually encoded once, with batch 1)."""
+        return Text(self.tokens.expand(B, -1, -1), self.pooled.expand(B, -1))
+
+
+def w_from_guidance_scale(guidance_scale):
+    """diffusers' guidance_scale s (v = v_u + s (v_c - v_u)) -> the paper's w = s - 1."""
+    return guidance_scale - 1.0
+
+
+def cfg(v_c, v_u, w):
+    """Eq. 2: (1 + w) v(x_t, c) - w v(x_t, ∅)."""
+    w = per_sample(w, v_c)
+    return (1 + w) * v_c - w * v_u
+
+
+def guided_velocity(net, x, t, c: Text, u: Text, w):
+    """Eq. 2 with a model: the conditional and unconditional passes run as one batch of 2B.
+
+    When w is the number 0 the result is v(c) alone, and when it is -1 it is v(∅) alone
+    (diffusers' guidance scale 1 and 0, W2SD's weak and Z-Sampling's inversion defaults): then
+    only that one pass runs. The samplers report such a skipped pass (samplers.Samples).
+    """
+    B = x.shape[0]
+    t = torch.as_tensor(t, device=x.device).float().reshape(-1).expand(B)
+    if not torch.is_tensor(w) and w == 0:
+        return net(x, t, c.tokens, c.pooled)
+    if not torch.is_tensor(w) and w == -1:
+        return net(x, t, u.tokens, u.pooled)
+    v_c, v_u = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([c.tokens, u.tokens]),
+                   torch.cat([c.pooled, u.pooled])).chunk(2)
+    return cfg(v_c, v_u, w)
+
+
+def naive_fusion(c: Text, u: Text, w):
+    """Eq. 5: c^ = c + w (c - ∅), on the token embeddings and the pooled vector alike, for one pass
+    of the undistilled model. Its variance grows as O(w^2) (Sec. 5), which is why it breaks at
+    large w and why Eq. 7 moves w into a sinusoidal embedding instead."""
+    wt = per_sample(w, c.tokens)
+    wp = per_sample(w, c.pooled)
+    return Text(c.tokens + wt * (c.tokens - u.tokens), c.pooled + wp * (c.pooled - u.pooled))
+
+
+def teefusion_term(model, w, c: Text, u: Text):
+    """Eq. 7's extra term, exactly as the authors' released code computes it:
+
+        G(psi(1000 w)) ⊙ F(pooled(c) - pooled(∅)) / 256
+
+    - G and psi are the model's own timestep MLP and sinusoid, and w is scaled by 1000 like t;
+    - F is the model's own pooled-text MLP, applied to the difference of the pooled vectors
+      (difference first, then F: "c - ∅ is computed after projection to the text embedding
+      space" means F's input space, the pooled vector);
+    - the division by TEEFUSION_DIVISOR is not in the paper (see there).
+    Ours differs from the authors' pipeline in one place: 1000 w and psi are float32 here
+    (`MMDiT.embed_scalar`), where they build w in the model's dtype (bf16 rounds 6000 to 6016).
+    Returns (B, D).
+    """
+    return model.embed_scalar(w) * model.F(c.pooled - u.pooled) / TEEFUSION_DIVISOR
+
+
+def gpsi_term(model, w):
+    """Table 3's ablation "G(psi(w))": the shared timestep MLP on w alone, without F(c - ∅).
+    (B, D), or (1, D) for a number w."""
+    return model.embed_scalar(w)
+
+
+class DistillCFG(MLPEmbedder):
+    """The DistillCFG baseline (Meng et al. 2023; FLUX.1-dev's guidance embedding): z += H(psi(w)),
+    H a new MLP shaped like G (this module). The authors' code names it `guidance_in`, with
+    `linear_1` and `linear_2` as here, so saved under the prefix `guidance_in.` its keys match.
+    Our choice: H's last layer starts at zero, so the student starts equal to the teacher."""
+
+    def __init__(self, dim):
+        super().__init__(PSI_DIM, dim)
+        nn.init.zeros_(self.linear_2.weight)
+        nn.init.zeros_(self.linear_2.bias)
+
+    def forward(self, w):
+        """H(psi(1000 w)), with 1000 w and psi in float32. w: number or (B,) -> (1 or B, D)."""
+        return super().forward(psi_scaled(w, self.linear_1.weight))
+
+
+def student_term(kind, model, w, c: Text, u: Text, H=None):
+    """The vector a student adds to z, for each kind of student (METHOD §4-5)."""
+    if kind == "teefusion":
+        return teefusion_term(model, w, c, u)
+    if kind == "gpsi_ablation":
+        return gpsi_term(model, w)
+    if kind == "distillcfg":
+        if H is None:
+            raise ValueError("a distillcfg student needs its guidance MLP H (guidance.DistillCFG)")
+        return H(w)
+    raise ValueError(f"unknown student kind {kind!r}; choose one of {', '.join(STUDENT_KINDS)}")
+
+
+def student_velocity(model, x, t, c: Text, u: Text, w, kind="teefusion", H=None, net=None):
+    """The student's one-pass velocity v_S(x_t, z^(t, c, ∅, w)): the attention sees the
+    conditional tokens only; w enters through the term added to z. `net` runs the forward
+    (a DDP wrapper or a pass counter around `model`); by default the model itself."""
+    net = model if net is None else net
+    return net(x, t, c.tokens, c.pooled, student_term(kind, model, w, c, u, H))

@@ -1,0 +1,164 @@
+"""The samplers of the paper, all through one loop (`sample_loop`), each counting its forward passes.
+
+| sampler      | passes per step (nominal) | what a step does                                  |
+|--------------|---------------------------|---------------------------------------------------|
+| `euler`      | 1                         | Euler on v(x, c)                                  |
+| `euler_cfg`  | 2                         | Euler on Eq. 2 (c and ∅ batched in one call)      |
+| `naive`      | 1                         | Euler on v(x, c^), c^ of Eq. 5                    |
+| `student`    | 1                         | Euler on the student, z^ of Eq. 7 (or a baseline) |
+| `z_sampling` | 6 (2 on unreflected steps)| Eq. 3-4 reflection, one model, weaker inversion   |
+| `w2sd`       | 6 (2 on unreflected steps)| Eq. 3-4 reflection, weak model inverts            |
+
+Passes are counted per image where they happen (a call on 2B rows for B images counts 2), so a pass
+that a guidance weight makes unnecessary (w = 0 or -1, see guidance.guided_velocity) shows as
+`skipped` = nominal - made.
+
+References: Bai et al. 2025, "Zigzag Diffusion Sampling" (Z-Sampling, ICLR 2025); Bai et al. 2025,
+"Weak-to-Strong Diffusion with Reflection" (W2SD).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .flow import euler_invert, euler_step
+from .guidance import Text, guided_velocity, naive_fusion, student_velocity
+
+
+@dataclass
+class Samples:
+    x: torch.Tensor  # (B, C, H, W) the sample at t = 0
+    passes: float  # forward passes per image actually made
+    nominal: float  # passes per image the sampler costs as the paper counts (1x, 2x, 6x per step)
+    steps: int
+
+    @property
+    def skipped(self):
+        """Passes the guidance weights made unnecessary."""
+        return self.nominal - self.passes
+
+
+class Counter:
+    """Wraps a net and counts the rows it evaluates; `passes` is rows per image."""
+
+    def __init__(self, net, images):
+        self.net, self.images, self.rows = net, images, 0
+
+    def __call__(self, x, *args, **kwargs):
+        self.rows += x.shape[0]
+        return self.net(x, *args, **kwargs)
+
+    @property
+    def passes(self):
+        return self.rows / self.images
+
+
+def sample_loop(x, ts, step, progress=False):
+    """The one sampling loop: x <- step(x, t_i, t_{i+1}, i) for i = 0 .. N-1, from ts[0] = 1 down
+    to ts[N] = 0. ts: (N + 1,), e.g. flow.time_grid."""
+    for i in tqdm(range(len(ts) - 1), desc="sampling", disable=not progress, leave=False):
+        x = step(x, ts[i], ts[i + 1], i)
+    return x
+
+
+def euler_sampler(velocity):
+    """Plain Euler steps on a velocity function v(x, t) (METHOD §0)."""
+    return lambda x, t, t_next, i: euler_step(x, velocity(x, t), t, t_next)
+
+
+def reflect(x, t, t_next, v_strong, v_weak):
+    """One step with reflection, Eq. 3-4, from t down to t_next (< t):
+
+        x'  = x  + (t_next - t) v_strong(x, t)        denoise
+        x~  = x' + (t - t_next) v_weak(x', t_next)    invert (Eq. 3, M_w^inv)
+        x'' = x~ + (t_next - t) v_strong(x~, t)       denoise again (Eq. 4)
+
+    Returns (x~, x''). The inversion evaluates the weak velocity at the less noisy point
+    (x', t_next): the exact Euler inversion for flow matching (flow.euler_invert).
+    """
+    x1 = euler_step(x, v_strong(x, t), t, t_next)
+    x_tilde = euler_invert(x1, v_weak(x1, t_next), t_next, t)
+    return x_tilde, euler_step(x_tilde, v_strong(x_tilde, t), t, t_next)
+
+
+def reflection_sampler(v_strong, v_weak, reflect_steps):
+    """Reflect (Eq. 3-4) on the first `reflect_steps` steps, plain Euler on v_strong after."""
+    def step(x, t, t_next, i):
+        if i < reflect_steps:
+            return reflect(x, t, t_next, v_strong, v_weak)[1]
+        return euler_step(x, v_strong(x, t), t, t_next)
+    return step
+
+
+def _run(nets, x, ts, step_of, nominal_per_step, progress):
+    """Count the passes of each distinct net, run the loop, and report."""
+    B, N = x.shape[0], len(ts) - 1
+    counters = {}
+    for n in nets:  # the same model used twice (Z-Sampling) is counted once
+        counters.setdefault(id(n), Counter(n, B))
+    x = sample_loop(x, ts, step_of(*(counters[id(n)] for n in nets)), progress)
+    return Samples(x, sum(c.passes for c in counters.values()), nominal_per_step, N)
+
+
+@torch.no_grad()
+def euler(model, x, ts, c: Text, progress=False):
+    """No guidance: v(x, c), one pass per step."""
+    return _run([model], x, ts, lambda net: euler_sampler(
+        lambda y, t: net(y, t, c.tokens, c.pooled)),
+        len(ts) - 1, progress)
+
+
+@torch.no_grad()
+def euler_cfg(model, x, ts, c: Text, u: Text, w, progress=False):
+    """Euler + CFG (Eq. 2): two passes per step, batched into one call."""
+    return _run([model], x, ts, lambda net: euler_sampler(
+        lambda y, t: guided_velocity(net, y, t, c, u, w)), 2 * (len(ts) - 1), progress)
+
+
+@torch.no_grad()
+def naive(model, x, ts, c: Text, u: Text, w, progress=False):
+    """Naive fusion (Eq. 5): one pass of the undistilled model on c^ = c + w (c - ∅)."""
+    fused = naive_fusion(c, u, w)
+    return euler(model, x, ts, fused, progress)
+
+
+@torch.no_grad()
+def student(model, x, ts, c: Text, u: Text, w, kind="teefusion", H=None, progress=False):
+    """A distilled student: plain Euler, one pass per step, guidance w in z (Eq. 7 or a baseline)."""
+    return _run([model], x, ts, lambda net: euler_sampler(
+        lambda y, t: student_velocity(model, y, t, c, u, w, kind, H, net=net)),
+        len(ts) - 1, progress)
+
+
+def _reflection_nominal(ts, reflect_steps):
+    N = len(ts) - 1
+    r = min(reflect_steps, N)
+    return 6 * r + 2 * (N - r)
+
+
+@torch.no_grad()
+def z_sampling(model, x, ts, c: Text, u: Text, w, w_inv=-1.0, reflect_steps=None, progress=False):
+    """Z-Sampling + CFG: reflection (Eq. 3-4) with one model, denoising at guidance w and
+    inverting at the weaker w_inv. Default w_inv = -1 (diffusers' scale 0, the reference code's
+    choice): the inversion uses the unconditional prediction alone, so one of the 6 nominal passes
+    of a reflected step is skipped. Reflects on the first `reflect_steps` steps (default: all but
+    the last)."""
+    reflect_steps = len(ts) - 2 if reflect_steps is None else reflect_steps
+    return _run([model, model], x, ts, lambda s, i: reflection_sampler(
+        lambda y, t: guided_velocity(s, y, t, c, u, w),
+        lambda y, t: guided_velocity(i, y, t, c, u, w_inv), reflect_steps),
+        _reflection_nominal(ts, reflect_steps), progress)
+
+
+@torch.no_grad()
+def w2sd(strong, weak, x, ts, c: Text, u: Text, w, w_weak=0.0, reflect_steps=None, progress=False):
+    """W2SD + CFG: reflection (Eq. 3-4) where a weak model (different weights) inverts.
+    Default w_weak = 0 (diffusers' scale 1, the W2SD reference code's weak guidance): the weak
+    model's conditional prediction alone, so one nominal pass of a reflected step is skipped.
+    Reflects on the first `reflect_steps` steps (default: all but the last)."""
+    reflect_steps = len(ts) - 2 if reflect_steps is None else reflect_steps
+    return _run([strong, weak], x, ts, lambda s, k: reflection_sampler(
+        lambda y, t: guided_velocity(s, y, t, c, u, w),
+        lambda y, t: guided_velocity(k, y, t, c, u, w_weak), reflect_steps),
+        _reflection_nominal(ts, reflect_steps), progress)
