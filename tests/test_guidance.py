@@ -1,0 +1,122 @@
+"""guidance.py: Eq. 2 and Eq. 5 by hand, Eq. 7 against the authors' formula on diffusers' modules."""
+
+import pytest
+import torch
+
+from conftest import TINY, oracle, random_mmdit
+from tinyteef.guidance import (DistillCFG, Text, cfg, gpsi_term, guided_velocity, naive_fusion,
+                               student_term, student_velocity, teefusion_term, w_from_guidance_scale)
+
+
+class ConstantNet:
+    """v(x, t, c) = the first pooled channel, everywhere; records the rows of every call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, t, tokens, pooled, extra=None):
+        self.calls.append(x.shape[0])
+        return pooled[:, :1, None, None].expand_as(x).clone()
+
+
+def text(value, B=2):
+    return Text(torch.full((B, 3, 4), float(value)), torch.full((B, 5), float(value)))
+
+
+def test_eq2_by_hand():
+    # (1 + 2) * 1 - 2 * 3 = -3; per sample w = [0, 1]: 1 and 2 * 1 - 3 = -1
+    v_c, v_u = torch.ones(2, 1, 2, 2), torch.full((2, 1, 2, 2), 3.0)
+    assert cfg(v_c, v_u, 2.0).eq(-3).all()
+    assert cfg(v_c, v_u, torch.tensor([0.0, 1.0])).flatten(1)[:, 0].tolist() == [1.0, -1.0]
+
+
+def test_guidance_scale_converter():
+    # diffusers: v_u + s (v_c - v_u) = (1 + w) v_c - w v_u with w = s - 1
+    assert w_from_guidance_scale(7.0) == 6.0
+    assert w_from_guidance_scale(1.0) == 0.0 and w_from_guidance_scale(0.0) == -1.0
+
+
+def test_guided_velocity_batches_and_skips():
+    x = torch.zeros(2, 1, 2, 2)
+    net = ConstantNet()
+    assert guided_velocity(net, x, 0.5, text(1), text(3), 2.0).eq(-3).all()
+    assert net.calls == [4]  # c and ∅ in one call of 2B rows
+    net = ConstantNet()
+    assert guided_velocity(net, x, 0.5, text(1), text(3), 0).eq(1).all() and net.calls == [2]  # v(c) only
+    net = ConstantNet()
+    assert guided_velocity(net, x, 0.5, text(1), text(3), -1.0).eq(3).all() and net.calls == [2]  # v(∅) only
+    net = ConstantNet()  # a tensor w is never skipped, even where it is 0
+    assert guided_velocity(net, x, 0.5, text(1), text(3), torch.zeros(2)).eq(1).all() and net.calls == [4]
+
+
+def test_eq5_naive_fusion_by_hand():
+    # c + w (c - ∅) = 2 + 3 * (2 - 1) = 5, on the tokens and the pooled vector
+    fused = naive_fusion(text(2), text(1), 3.0)
+    assert fused.tokens.eq(5).all() and fused.pooled.eq(5).all()
+    fused = naive_fusion(text(2), text(1), torch.tensor([0.0, 1.0]))
+    assert fused.pooled[:, 0].tolist() == [2.0, 3.0] and fused.tokens[:, 0, 0].tolist() == [2.0, 3.0]
+
+
+def _shared_weights():
+    """Our MMDiT and diffusers' SD3Transformer2DModel holding the same random weights."""
+    diffusers = oracle("diffusers")
+    ours = random_mmdit(std=0.2)
+    ref = diffusers.SD3Transformer2DModel(**TINY).eval()
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    return ours, ref
+
+
+def test_eq7_equals_the_authors_formula():
+    ours, ref = _shared_weights()
+    g = torch.Generator().manual_seed(0)
+    c = Text(torch.randn(3, 5, 12, generator=g), torch.randn(3, 10, generator=g))
+    u = Text(torch.randn(1, 5, 12, generator=g), torch.randn(1, 10, generator=g)).expand(3)
+    w = torch.tensor([2.0, 5.0, 13.5])
+    # The authors' code (AIDC-AI/TeEFusion, pipelines/sd3_model.py), written out:
+    #   temb + timestep_embedder(time_proj(w * 1000)) * text_embedder(pooled_c - pooled_u) / 256.
+    tte = ref.time_text_embed
+    expected = tte.timestep_embedder(tte.time_proj(w * 1000.0)) * tte.text_embedder(c.pooled - u.pooled) / 256.0
+    with torch.no_grad():
+        assert torch.allclose(teefusion_term(ours, w, c, u), expected.detach(), atol=1e-6)
+        # ... and the whole student forward: temb gets the term, the attention sees c's tokens only
+        x, t = torch.randn(3, 4, 8, 8, generator=g), torch.rand(3, generator=g)
+        temb = tte(1000 * t, c.pooled) + expected
+        h, ctx = ref.pos_embed(x), ref.context_embedder(c.tokens)
+        for block in ref.transformer_blocks:
+            ctx, h = block(hidden_states=h, encoder_hidden_states=ctx, temb=temb)
+        h = ref.proj_out(ref.norm_out(h, temb)).reshape(3, 4, 4, 2, 2, 4)
+        v_authors = torch.einsum("nhwpqc->nchpwq", h).reshape(3, 4, 8, 8)
+        v_ours = student_velocity(ours, x, t, c, u, w, "teefusion")
+    assert (v_ours - v_authors).abs().max() < 1e-5
+    assert (v_ours - ours(x, t, c.tokens, c.pooled)).abs().max() > 1e-3  # the term changes the output
+
+
+def test_gpsi_ablation_is_G_of_psi_of_w():
+    ours, ref = _shared_weights()
+    w = torch.tensor([3.0, 9.0])
+    tte = ref.time_text_embed
+    with torch.no_grad():
+        assert torch.allclose(gpsi_term(ours, w), tte.timestep_embedder(tte.time_proj(1000 * w)), atol=1e-6)
+
+
+def test_distillcfg_starts_as_the_teacher():
+    model = random_mmdit()
+    H = DistillCFG(16)
+    assert sorted(H.state_dict()) == ["linear_1.bias", "linear_1.weight", "linear_2.bias", "linear_2.weight"]
+    x, t = torch.randn(2, 4, 8, 8), torch.rand(2)
+    c = Text(torch.randn(2, 5, 12), torch.randn(2, 10))
+    u = Text(torch.zeros(2, 5, 12), torch.zeros(2, 10))
+    with torch.no_grad():
+        assert H(torch.tensor([2.0, 14.0])).eq(0).all()  # zero-initialised last layer
+        assert torch.equal(student_velocity(model, x, t, c, u, 7.0, "distillcfg", H),
+                           model(x, t, c.tokens, c.pooled))
+    with torch.no_grad():  # once trained, H(psi(1000 w)) depends on w
+        H.linear_2.weight.normal_()
+        assert not torch.allclose(H(2.0), H(3.0))
+
+
+def test_unknown_student_kind():
+    with pytest.raises(ValueError, match="unknown student kind 'eq7'"):
+        student_term("eq7", random_mmdit(), 3.0, text(1), text(0))
+    with pytest.raises(ValueError, match="needs its guidance MLP H"):
+        student_term("distillcfg", random_mmdit(), 3.0, text(1), text(0))
