@@ -98,6 +98,11 @@ def sincos_pos_table(P, D, base_size):
     return torch.cat([col, row], dim=-1).reshape(P * P, D).float()
 
 
+def layer_norm(x):
+    """LayerNorm over channels without learned affine (eps 1e-6): adaLN supplies scale and shift."""
+    return F_.layer_norm(x, x.shape[-1:], eps=1e-6)
+
+
 def modulate(x, shift, scale):
     """adaLN: x * (1 + scale) + shift, per sample. x (B, L, D); shift, scale (B, D)."""
     return x * (1 + scale[:, None]) + shift[:, None]
@@ -239,26 +244,25 @@ class JointBlock(nn.Module):
         self.ff_context = None if context_pre_only else FeedForward(dim)
 
     def forward(self, x, c, z):  # x (B, N, D), c (B, L, D), z (B, D)
-        ln = lambda y: F_.layer_norm(y, y.shape[-1:], eps=1e-6)
         mod = self.norm1(z)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:6]
         if self.context_pre_only:
             c_scale, c_shift = self.norm1_context(z)
-            c_in = modulate(ln(c), c_shift, c_scale)
+            c_in = modulate(layer_norm(c), c_shift, c_scale)
         else:
             c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(z)
-            c_in = modulate(ln(c), c_shift_msa, c_scale_msa)
-        x_norm = ln(x)
+            c_in = modulate(layer_norm(c), c_shift_msa, c_scale_msa)
+        x_norm = layer_norm(x)
         x_attn, c_attn = self.attn(modulate(x_norm, shift_msa, scale_msa), c_in)
         x = x + gate_msa[:, None] * x_attn
         if self.dual_attention:  # MMDiT-X: image-only self-attention on the same normalised x
             shift_msa2, scale_msa2, gate_msa2 = mod[6:]
             x = x + gate_msa2[:, None] * self.attn2(modulate(x_norm, shift_msa2, scale_msa2))
-        x = x + gate_mlp[:, None] * self.ff(modulate(ln(x), shift_mlp, scale_mlp))
+        x = x + gate_mlp[:, None] * self.ff(modulate(layer_norm(x), shift_mlp, scale_mlp))
         if self.context_pre_only:
             return x, None
         c = c + c_gate_msa[:, None] * c_attn
-        c = c + c_gate_mlp[:, None] * self.ff_context(modulate(ln(c), c_shift_mlp, c_scale_mlp))
+        c = c + c_gate_mlp[:, None] * self.ff_context(modulate(layer_norm(c), c_shift_mlp, c_scale_mlp))
         return x, c
 
 
@@ -335,7 +339,7 @@ class MMDiT(nn.Module):
             else:
                 xs, c = block(xs, c, z)
         scale, shift = self.norm_out(z)
-        xs = self.proj_out(modulate(F_.layer_norm(xs, xs.shape[-1:], eps=1e-6), shift, scale))  # (B, N, p*p*C)
+        xs = self.proj_out(modulate(layer_norm(xs), shift, scale))  # (B, N, p*p*C)
         # unpatchify: (B, h, w, p, p, C) -> (B, C, h*p, w*p)
         xs = xs.view(B, H // p, W // p, p, p, self.config.out_channels)
         return torch.einsum("nhwpqc->nchpwq", xs).reshape(B, self.config.out_channels, H, W)
