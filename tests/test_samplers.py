@@ -68,6 +68,10 @@ def test_w2sd_with_weak_equal_strong_equals_z_sampling():
     euler = samplers.euler_cfg(Field(), X0, ts, c, u, 3.0)
     assert torch.allclose(w2sd.x, z.x)
     assert not torch.allclose(z.x, euler.x)
+    # w_weak = None inverts at the strong w: equal to w_weak = 3.0, with all 6 passes made
+    same = samplers.w2sd(Field(), Field(), X0, ts, c, u, 3.0, w_weak=None)
+    assert torch.equal(same.x, samplers.w2sd(Field(), Field(), X0, ts, c, u, 3.0, w_weak=3.0).x)
+    assert same.skipped == 0
 
 
 @pytest.mark.parametrize("N", [1, 4])

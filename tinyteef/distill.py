@@ -34,7 +34,7 @@ class DistillConfig:
     w_min: float = 2.0  # w ~ U[w_min, w_max], paper's convention (Sec. 6.1: [2, 14])
     w_max: float = 14.0
     w_inv: float = -1.0  # Z-Sampling's inversion guidance (paper's w; -1 = unconditional)
-    w_weak: float = 0.0  # W2SD's weak-model guidance (paper's w; 0 = conditional only)
+    w_weak: float | None = 0.0  # W2SD's weak-model guidance (paper's w; 0 = conditional only; None = w)
     sample_steps: int = 28  # the grid the student will sample with: sets the reflection step
     shift: float = 3.0  # ... and its time shift (SD3 at 1024 px: 3; toy: 1)
     reflection_target: str = "reach"  # reach | refined, see teacher_target
@@ -96,6 +96,7 @@ def teacher_target(teacher, x_t, t, w, c: Text, u: Text, cfg: DistillConfig, wea
     if cfg.teacher == "w2sd" and weak is None:
         raise ValueError("the w2sd teacher needs a weak model to invert with (Eq. 3)")
     inverter, w_inv = (teacher, cfg.w_inv) if cfg.teacher == "zsampling" else (weak, cfg.w_weak)
+    w_inv = w if w_inv is None else w_inv
     v_weak = lambda y, s: guided_velocity(inverter, y, s, c, u, w_inv)
     t_next = next_t(t, cfg.sample_steps, cfg.shift)  # (B,), < t
     x_tilde, x_next = reflect(x_t, t, t_next, v_strong, v_weak)

@@ -156,8 +156,10 @@ def w2sd(strong, weak, x, ts, c: Text, u: Text, w, w_weak=0.0, reflect_steps=Non
     """W2SD + CFG: reflection (Eq. 3-4) where a weak model (different weights) inverts.
     Default w_weak = 0 (diffusers' scale 1, the W2SD reference code's weak guidance): the weak
     model's conditional prediction alone, so one nominal pass of a reflected step is skipped.
+    w_weak = None inverts at the strong guidance w itself (CFG on all three passes).
     Reflects on the first `reflect_steps` steps (default: all but the last)."""
     reflect_steps = len(ts) - 2 if reflect_steps is None else reflect_steps
+    w_weak = w if w_weak is None else w_weak
     return _run([strong, weak], x, ts, lambda s, k: reflection_sampler(
         lambda y, t: guided_velocity(s, y, t, c, u, w),
         lambda y, t: guided_velocity(k, y, t, c, u, w_weak), reflect_steps),

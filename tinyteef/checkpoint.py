@@ -1,0 +1,37 @@
+"""Checkpoints that are written atomically and read without unpickling code.
+
+`save` writes to a temporary file beside the target and renames it into place, so a run stopped
+mid-write leaves the previous checkpoint intact. `load` uses torch.load(weights_only=True), which
+reads tensors and plain containers only and refuses arbitrary pickled objects.
+"""
+
+import os
+import tempfile
+
+import torch
+
+
+def save(obj, path):
+    """torch.save(obj) to `path`, atomically (temporary file + os.replace)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load(path, map_location="cpu"):
+    """Read a checkpoint written by `save`: tensors, numbers, strings, lists and dicts only."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}; check the path (or delete the folder to start over)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); "
+                         "delete it to recompute that stage") from e
