@@ -1,0 +1,434 @@
+"""The toy world: TeEFusion end to end, in small, on one GPU in minutes.
+
+    python train_toy.py                                    # CIFAR-10 (downloaded on first use)
+    python train_toy.py --data shapes                      # generated in code, needs nothing
+    python train_toy.py --data fashion-mnist --data-root /usr/share/datasets/fashion-mnist
+    python train_toy.py --preset smoke --device cpu        # every stage, tiny, in about a minute
+
+Stages, each cached in --out and skipped when its result is there (a stopped run resumes):
+  1. evaluator  a classifier of the real data: prompt accuracy and Fréchet distance of samples
+  2. teacher    an MMDiT and a tiny text encoder trained by flow matching with 10% empty prompts,
+                with EMA; the text encoder is frozen after 40% of the steps and the EMA at 60% is
+                kept as W2SD's weak model (the toy's stand-in for the paper's CHATS pair)
+  3. samplers   the teacher's samplers scored: Euler, Euler+CFG, naive Eq. 5, Z-Sampling+CFG,
+                W2SD+CFG
+  4. students   Alg. 1: TeEFusion distilled from each of the three guided samplers; DistillCFG
+                and the G(psi(w)) ablation from W2SD+CFG (sharing its targets)
+  5. report     report.md and PNG grids: the paper's Tables 1/3/4, Fig. 5a and Fig. 4 in small
+"""
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F_
+from tqdm.auto import tqdm
+
+from tinyteef import checkpoint, samplers
+from tinyteef.distill import DistillConfig, Student, distill_step
+from tinyteef.flow import interpolate, sample_t_logit_normal, time_grid, velocity_target
+from tinyteef.guidance import DistillCFG, Text
+from tinyteef.mmdit import MMDiT, MMDiTConfig
+from toy import data as toydata
+from toy.evaluator import Evaluator, features, frechet_distance, prompt_accuracy, train_evaluator
+from toy.report import save_grid, save_w_grid, write_report
+from toy.text import PromptBank, TextEncoder, Tokenizer
+
+
+@dataclass
+class Preset:
+    limit: tuple | None  # (train, test) images kept, None = all
+    eval_steps: int  # evaluator training steps
+    width: int  # MMDiT hidden size (heads of 64, or of width / 2 below 128)
+    layers: int
+    text_width: int
+    text_layers: int
+    teacher_steps: int
+    batch: int
+    lr: float
+    sample_steps: int  # Euler steps N of every sampler, and the student's grid in Alg. 1
+    n_eval: int  # images per scored method
+    distill_steps: int
+    distill_batch: int
+    distill_lr: float
+    sweep: tuple  # w values of the sweep; the paper's range [2, 14]
+    save_every: int  # steps between resumable checkpoints
+    time_batch: int  # batch size at which ms / image is measured
+    text_len: int = 16
+    w: float = 5.0  # the table's w: the paper's best (Fig. 5a)
+    w_min: float = 2.0  # Alg. 1's w ~ U[w_min, w_max], the paper's range
+    w_max: float = 14.0
+    drop: float = 0.1  # empty-prompt rate while training the teacher (CFG needs v(∅))
+    ema: float = 0.999
+
+
+PRESETS = {
+    "smoke": Preset(limit=(1000, 200), eval_steps=40, width=64, layers=2, text_width=32, text_layers=1,
+                    teacher_steps=120, batch=32, lr=1e-3, sample_steps=4, n_eval=64, distill_steps=20,
+                    distill_batch=16, distill_lr=1e-4, sweep=(2.0, 8.0, 14.0), save_every=50, time_batch=32),
+    "quick": Preset(limit=None, eval_steps=800, width=256, layers=6, text_width=128, text_layers=2,
+                    teacher_steps=3000, batch=256, lr=3e-4, sample_steps=16, n_eval=1000, distill_steps=600,
+                    distill_batch=128, distill_lr=5e-5, sweep=(2.0, 5.0, 8.0, 11.0, 14.0), save_every=500,
+                    time_batch=500),
+    "full": Preset(limit=None, eval_steps=1500, width=256, layers=8, text_width=128, text_layers=2,
+                   teacher_steps=6000, batch=256, lr=3e-4, sample_steps=32, n_eval=2000, distill_steps=1500,
+                   distill_batch=128, distill_lr=5e-5, sweep=(2.0, 4.0, 6.0, 8.0, 11.0, 14.0), save_every=500,
+                   time_batch=500),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", choices=toydata.DATASETS, default="cifar10",
+                   help="dataset (default cifar10, downloaded; offline: shapes or fashion-mnist)")
+    p.add_argument("--data-root", default=None, help="folder of the dataset's files (default: per dataset)")
+    p.add_argument("--preset", choices=PRESETS, default="full", help="sizes and steps (default full)")
+    p.add_argument("--out", default=None, help="output folder (default runs/toy-DATA-PRESET)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def autocast(device):
+    """bf16 autocast on a GPU; fp32 on the CPU (bf16 matmuls there are slow)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def mmdit_config(data, P):
+    heads = max(P.width // 64, 2)
+    return MMDiTConfig(sample_size=32, patch_size=2, in_channels=data.channels, out_channels=data.channels,
+                       num_layers=P.layers, attention_head_dim=P.width // heads, num_attention_heads=heads,
+                       joint_attention_dim=P.text_width, caption_projection_dim=P.width,
+                       pooled_projection_dim=P.text_width, pos_embed_max_size=16)
+
+
+def ema_update(ema, model, decay):
+    with torch.no_grad():
+        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+
+
+def staged(path, compute):
+    """Load a stage's result from `path`, or compute it and save it there (atomically)."""
+    if os.path.exists(path):
+        return checkpoint.load(path)
+    result = compute()
+    checkpoint.save(result, path)
+    return result
+
+
+def random_rows(g, n, size):
+    return torch.randint(n, (size,), generator=g, device=g.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 1: the evaluator
+
+
+def stage_evaluator(data, P, device, out, seed):
+    def compute():
+        model, acc = train_evaluator(data, steps=P.eval_steps, device=device, seed=seed)
+        return {"state": model.state_dict(), "accuracy": acc["accuracy"],
+                "per_attribute": acc["accuracy_per_attribute"]}
+    result = staged(os.path.join(out, "evaluator.pt"), compute)
+    model = Evaluator(data.channels, data.classes).to(device).eval()
+    model.load_state_dict(result["state"])
+    return model, result
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 2: the teacher (flow matching), with its text encoder and W2SD's weak snapshot
+
+
+def teacher_loss(model, text, x0, ids, g):
+    """Flow matching: || v(x_t, t, c) - (eps - x0) ||^2 with SD3's logit-normal t."""
+    c = text(ids)
+    t = sample_t_logit_normal(x0.shape[0], generator=g, device=x0.device)
+    eps = torch.randn(x0.shape, generator=g, device=x0.device)
+    return F_.mse_loss(model(interpolate(x0, eps, t), t, c.tokens, c.pooled).float(), velocity_target(x0, eps))
+
+
+def stage_teacher(data, P, device, out, seed):
+    path, partial = os.path.join(out, "teacher.pt"), os.path.join(out, "teacher.partial.pt")
+    tokenizer = Tokenizer(data.vocabulary(), P.text_len)
+    model, text = MMDiT(mmdit_config(data, P)).to(device), TextEncoder(
+        len(tokenizer), P.text_len, P.text_width, P.text_layers, pooled_dim=P.text_width).to(device)
+    ema, weak = copy.deepcopy(model), copy.deepcopy(model)
+    if not os.path.exists(path):
+        opt = torch.optim.AdamW([*model.parameters(), *text.parameters()], lr=P.lr, weight_decay=0.0)
+        g = torch.Generator(device).manual_seed(seed)
+        state = {"step": 0, "losses": []}
+        if os.path.exists(partial):
+            state = checkpoint.load(partial)
+            for m, k in ((model, "model"), (text, "text"), (ema, "ema"), (weak, "weak"), (opt, "opt")):
+                m.load_state_dict(state[k])
+            g.set_state(state["rng"].to(torch.uint8))
+        bank, x_all, y_all = PromptBank(data, tokenizer, device), data.train_x.to(device), data.train_y.to(device)
+        freeze, snapshot = int(0.4 * P.teacher_steps), int(0.6 * P.teacher_steps)
+        bar = tqdm(range(state["step"], P.teacher_steps), desc="teacher", initial=state["step"],
+                   total=P.teacher_steps)
+        for step in bar:
+            text.requires_grad_(step < freeze)  # frozen from here on, like SD3's encoders
+            rows = random_rows(g, len(x_all), P.batch)
+            ids = bank.sample(y_all[rows], g)
+            drop = torch.rand(P.batch, generator=g, device=device) < P.drop
+            ids = torch.where(drop[:, None], bank.empty, ids)  # 10% empty prompts teach v(∅)
+            with autocast(device):
+                loss = teacher_loss(model, text, toydata.to_float(x_all[rows]), ids, g)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            ema_update(ema, model, min(P.ema, (1 + step) / (10 + step)))
+            if step + 1 == snapshot:
+                weak.load_state_dict(ema.state_dict())
+            if step % 10 == 0:
+                state["losses"].append((step, loss.item()))
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            if (step + 1) % P.save_every == 0 and step + 1 < P.teacher_steps:
+                checkpoint.save({"step": step + 1, "losses": state["losses"], "model": model.state_dict(),
+                                 "text": text.state_dict(), "ema": ema.state_dict(), "weak": weak.state_dict(),
+                                 "opt": opt.state_dict(), "rng": g.get_state()}, partial)
+        checkpoint.save({"ema": ema.state_dict(), "weak": weak.state_dict(), "text": text.state_dict(),
+                         "losses": state["losses"]}, path)
+        if os.path.exists(partial):
+            os.remove(partial)
+    result = checkpoint.load(path)
+    for m, k in ((ema, "ema"), (weak, "weak"), (text, "text")):
+        m.load_state_dict(result[k])
+        m.requires_grad_(False).eval()
+    return ema, weak, text, tokenizer, result["losses"]
+
+
+# ---------------------------------------------------------------------------------------------
+# stages 3-5: scoring samplers and students, distilling, reporting
+
+
+class Scorer:
+    """Generates images for a fixed set of prompts and noises, and scores them."""
+
+    def __init__(self, data, P, device, evaluator, text, bank, seed):
+        self.P, self.device, self.evaluator = P, device, evaluator
+        K = bank.ids.shape[0]
+        combo = torch.arange(P.n_eval) % K  # every label combination, in turn
+        self.y = torch.stack([combo // r % n for r, n in zip(bank.radix.cpu(), data.classes)], dim=1)  # (n, A)
+        g = torch.Generator(device).manual_seed(seed + 1)
+        with torch.no_grad():
+            self.c = text(bank.sample(self.y.to(device), g))
+            self.u = text(bank.empty)
+        self.noise = torch.randn(P.n_eval, data.channels, 32, 32, generator=g, device=device)
+        self.ts = time_grid(P.sample_steps).to(device)
+        self.real = features(evaluator, data.test_x)
+
+    def generate(self, method, n=None):
+        """method(x, ts, c, u) -> Samples, on the first n prompts and noises, in batches."""
+        n = n or self.P.n_eval
+        images, s = [], None
+        for i in tqdm(range(0, n, self.P.time_batch), desc="sampling", leave=False):
+            j = min(i + self.P.time_batch, n)
+            c = Text(self.c.tokens[i:j], self.c.pooled[i:j])
+            with autocast(self.device):
+                s = method(self.noise[i:j], self.ts, c, self.u.expand(j - i))
+            images.append(s.x.float().clamp(-1, 1).cpu())
+        return torch.cat(images), s
+
+    def ms_per_image(self, method):
+        """Wall time of one batch of `time_batch` images (after a warm-up batch), per image."""
+        B = min(self.P.time_batch, self.P.n_eval)
+        c = Text(self.c.tokens[:B], self.c.pooled[:B])
+        for timed in (False, True):
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            with autocast(self.device):
+                method(self.noise[:B], self.ts, c, self.u.expand(B))
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+        return 1000 * (time.perf_counter() - start) / B
+
+    def score(self, method, n=None, timing=True):
+        x, s = self.generate(method, n)
+        r = {"accuracy": prompt_accuracy(self.evaluator, x, self.y[: len(x)]),
+             "fd": frechet_distance(features(self.evaluator, x), self.real)}
+        if timing:
+            r.update(passes=s.passes / s.steps, nominal=s.nominal / s.steps, ms=self.ms_per_image(method))
+        return r, x
+
+
+def teacher_methods(teacher, weak, w):
+    return {
+        "Teacher Euler (no guidance)": lambda x, ts, c, u: samplers.euler(teacher, x, ts, c),
+        "Teacher Euler+CFG": lambda x, ts, c, u: samplers.euler_cfg(teacher, x, ts, c, u, w),
+        "Teacher naive fusion (Eq. 5)": lambda x, ts, c, u: samplers.naive(teacher, x, ts, c, u, w),
+        "Teacher Z-Sampling+CFG": lambda x, ts, c, u: samplers.z_sampling(teacher, x, ts, c, u, w),
+        "Teacher W2SD+CFG": lambda x, ts, c, u: samplers.w2sd(teacher, weak, x, ts, c, u, w, w_weak=None),
+    }
+
+
+# student name: (teacher sampler of Alg. 1, student kind, the teacher row it imitates)
+STUDENTS = {
+    "TeEFusion from Euler+CFG": ("cfg", "teefusion", "Teacher Euler+CFG"),
+    "TeEFusion from Z-Sampling+CFG": ("zsampling", "teefusion", "Teacher Z-Sampling+CFG"),
+    "TeEFusion from W2SD+CFG": ("w2sd", "teefusion", "Teacher W2SD+CFG"),
+    "DistillCFG from W2SD+CFG": ("w2sd", "distillcfg", "Teacher W2SD+CFG"),
+    "G(psi(w)) from W2SD+CFG": ("w2sd", "gpsi_ablation", "Teacher W2SD+CFG"),
+}
+
+
+def stage_students(data, P, device, out, seed, teacher, weak, text, bank, kind):
+    """Alg. 1 from one teacher sampler: every student of STUDENTS that uses it, on shared targets."""
+    names = [n for n, (k, _, _) in STUDENTS.items() if k == kind]
+    students = [Student(copy.deepcopy(teacher).requires_grad_(True).train(), STUDENTS[n][1]) for n in names]
+    for s in students:
+        s.H = DistillCFG(teacher.config.hidden_size).to(device) if s.kind == "distillcfg" else None
+    path, partial = os.path.join(out, f"students_{kind}.pt"), os.path.join(out, f"students_{kind}.partial.pt")
+    params = lambda s: [*s.model.parameters(), *(s.H.parameters() if s.H is not None else [])]
+    opts = [torch.optim.AdamW(params(s), lr=P.distill_lr, weight_decay=0.0) for s in students]
+    if not os.path.exists(path):
+        cfg = DistillConfig(teacher=kind, w_min=P.w_min, w_max=P.w_max, w_weak=None,
+                            sample_steps=P.sample_steps, shift=1.0)
+        g = torch.Generator(device).manual_seed(seed + 2)
+        state = {"step": 0, "losses": []}
+        if os.path.exists(partial):
+            state = checkpoint.load(partial)
+            for s, o, st in zip(students, opts, state["students"]):
+                s.model.load_state_dict(st["model"])
+                o.load_state_dict(st["opt"])
+                if s.H is not None:
+                    s.H.load_state_dict(st["H"])
+            g.set_state(state["rng"].to(torch.uint8))
+        x_all, y_all = data.train_x.to(device), data.train_y.to(device)
+        with torch.no_grad():
+            u = text(bank.empty)
+        bar = tqdm(range(state["step"], P.distill_steps), desc=f"students ({kind})", initial=state["step"],
+                   total=P.distill_steps)
+        for step in bar:
+            rows = random_rows(g, len(x_all), P.distill_batch)
+            with torch.no_grad():
+                c = text(bank.sample(y_all[rows], g))
+            with autocast(device):
+                losses = distill_step(students, teacher, toydata.to_float(x_all[rows]), c, u, cfg,
+                                      weak=weak, generator=g)
+            for o in opts:
+                o.step()
+                o.zero_grad(set_to_none=True)
+            if step % 10 == 0:
+                state["losses"].append((step, *losses))
+                bar.set_postfix(loss=" ".join(f"{v:.4f}" for v in losses))
+            if (step + 1) % P.save_every == 0 and step + 1 < P.distill_steps:
+                checkpoint.save({"step": step + 1, "losses": state["losses"], "rng": g.get_state(), "students": [
+                    {"model": s.model.state_dict(), "opt": o.state_dict(),
+                     "H": s.H.state_dict() if s.H is not None else {}} for s, o in zip(students, opts)]}, partial)
+        checkpoint.save({"losses": state["losses"], "students": [
+            {"model": s.model.state_dict(), "H": s.H.state_dict() if s.H is not None else {}} for s in students]},
+            path)
+        if os.path.exists(partial):
+            os.remove(partial)
+    result = checkpoint.load(path)
+    for s, st in zip(students, result["students"]):
+        s.model.load_state_dict(st["model"])
+        s.model.requires_grad_(False).eval()
+        if s.H is not None:
+            s.H.load_state_dict(st["H"])
+            s.H.requires_grad_(False)
+    return dict(zip(names, students)), result["losses"]
+
+
+def student_method(s, w):
+    return lambda x, ts, c, u: samplers.student(s.model, x, ts, c, u, w, s.kind, s.H)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    P = PRESETS[args.preset]
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but torch sees no GPU; use --device cpu (and --preset smoke)")
+    out = args.out or os.path.join("runs", f"toy-{args.data}-{args.preset}")
+    os.makedirs(out, exist_ok=True)
+    run = {"data": args.data, "preset": dataclasses.asdict(P), "seed": args.seed}
+    cfg_path = os.path.join(out, "config.json")
+    if os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            if json.load(f) != json.loads(json.dumps(run)):
+                raise SystemExit(f"error: {out} holds a run with another --data, --preset or --seed; "
+                                 "use another --out or delete that folder")
+    else:
+        with open(cfg_path, "w") as f:
+            json.dump(run, f, indent=1)
+    torch.manual_seed(args.seed)
+    started = time.time()
+
+    try:
+        data = toydata.load(args.data, root=args.data_root, seed=args.seed, limit=P.limit)
+    except (RuntimeError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    evaluator, ev = stage_evaluator(data, P, device, out, args.seed)
+    teacher, weak, text, tokenizer, _ = stage_teacher(data, P, device, out, args.seed)
+    bank = PromptBank(data, tokenizer, device)
+    scorer = Scorer(data, P, device, evaluator, text, bank, args.seed)
+
+    def scored(name, method, teacher_x=None):
+        """Score one method (cached in scores/), save its sample grid, return its row."""
+        slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+        def compute():
+            r, x = scorer.score(method)
+            save_grid(x[:64], os.path.join(out, f"{slug}.png"))
+            return {**r, "x": toydata.to_uint8(x)}
+        r = staged(os.path.join(out, "scores", f"{slug}.pt"), compute)
+        if teacher_x is not None:
+            diff = toydata.to_float(r["x"]) - toydata.to_float(teacher_x)
+            r["rms"] = diff.square().mean().sqrt().item()
+        return {**r, "grid": f"{slug}.png"}
+
+    table = {name: scored(name, m) for name, m in teacher_methods(teacher, weak, P.w).items()}
+    students = {}
+    for kind in ("cfg", "zsampling", "w2sd"):
+        students.update(stage_students(data, P, device, out, args.seed, teacher, weak, text, bank, kind)[0])
+    for name, s in students.items():
+        table[name] = scored(name, student_method(s, P.w), table[STUDENTS[name][2]]["x"])
+
+    sweep_methods = {"W2SD+CFG": lambda w: teacher_methods(teacher, weak, w)["Teacher W2SD+CFG"],
+                     "TeEFusion": lambda w: student_method(students["TeEFusion from W2SD+CFG"], w),
+                     "DistillCFG": lambda w: student_method(students["DistillCFG from W2SD+CFG"], w)}
+
+    def sweep_compute():
+        rows, grid = {}, {}
+        for w in tqdm(P.sweep, desc="w sweep"):
+            rows[w], grid[w] = {}, {}
+            for m, make in sweep_methods.items():
+                r, x = scorer.score(make(w), n=max(P.n_eval // 2, 8), timing=False)
+                rows[w][m], grid[w][m] = r, x[:8]
+        save_w_grid(grid, os.path.join(out, "grid_w.png"))
+        return {"rows": rows}
+    sweep = staged(os.path.join(out, "sweep.pt"), sweep_compute)
+
+    w2sd_ms, student_ms = table["Teacher W2SD+CFG"]["ms"], table["TeEFusion from W2SD+CFG"]["ms"]
+    info = {"data": args.data, "preset": args.preset, "w": P.w, "facts": {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+        "evaluator held-out accuracy (all attributes)": f"{100 * ev['accuracy']:.1f}%",
+        "teacher": f"MMDiT {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f} M parameters, "
+                   f"{P.layers} blocks of width {P.width}, {P.teacher_steps} steps at batch {P.batch}",
+        "students": f"{P.distill_steps} steps at batch {P.distill_batch}, AdamW lr {P.distill_lr}, "
+                    f"w ~ U[{P.w_min}, {P.w_max}]",
+        "sampling": f"{P.sample_steps} Euler steps, shift 1; scores over {P.n_eval} images "
+                    f"(sweep: {max(P.n_eval // 2, 8)}); ms / image at batch {min(P.time_batch, P.n_eval)}",
+        "wall time of this invocation": f"{time.time() - started:.0f} s"},
+        "speed_line": f"Student (TeEFusion from W2SD+CFG) vs its W2SD+CFG teacher, same device and batch: "
+                      f"{w2sd_ms / student_ms:.2f}x faster in wall time."}
+    write_report(out, info, table, {"methods": list(sweep_methods), "rows": sweep["rows"]},
+                 list(sweep_methods), list(P.sweep))
+    print(f"done: report and images in {os.path.abspath(out)}")
+
+
+if __name__ == "__main__":
+    main()
