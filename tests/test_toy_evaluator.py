@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import oracle
 from toy.evaluator import Evaluator, features, frechet_distance, predict, prompt_accuracy, train_evaluator
 
 QUADRANTS, CHANNELS = 4, 3  # attribute 0: which quadrant is bright; attribute 1: in which channel
@@ -101,7 +102,7 @@ def test_frechet_two_dimensional_closed_form():
 
 
 def test_frechet_matches_scipy_sqrtm():
-    linalg = pytest.importorskip("scipy.linalg")
+    linalg = oracle("scipy.linalg")
     rng = np.random.default_rng(7)
     f1 = rng.normal(size=(400, 10)) @ rng.normal(size=(10, 10))
     f2 = rng.normal(size=(300, 10)) @ rng.normal(size=(10, 10)) + 0.3
