@@ -31,13 +31,14 @@ import torch.nn.functional as F_
 from tqdm.auto import tqdm
 
 from tinyteef import checkpoint, samplers
-from tinyteef.distill import DistillConfig, Student, distill_step
-from tinyteef.flow import interpolate, sample_t_logit_normal, time_grid, velocity_target
-from tinyteef.guidance import DistillCFG, Text
+from tinyteef.distill import DistillConfig, distill_step
+from tinyteef.flow import interpolate, sample_t_logit_normal, velocity_target
+from tinyteef.guidance import TEEFUSION_DIVISOR, DistillCFG, Student
 from tinyteef.mmdit import MMDiT, MMDiTConfig
 from toy import data as toydata
-from toy.evaluator import Evaluator, features, frechet_distance, prompt_accuracy, train_evaluator
+from toy.evaluator import Evaluator, train_evaluator
 from toy.report import save_grid, save_w_grid, write_report
+from toy.scoring import Scorer, autocast, spread
 from toy.text import PromptBank, TextEncoder, Tokenizer
 
 
@@ -65,6 +66,9 @@ class Preset:
     w_min: float = 2.0  # Alg. 1's w ~ U[w_min, w_max], the paper's range
     w_max: float = 14.0
     drop: float = 0.1  # empty-prompt rate while training the teacher (CFG needs v(∅))
+    # Eq. 7's term is divided by this: 1 is the paper's equation; the authors' SD3 code uses 256
+    # (TEEFUSION_DIVISOR), which leaves the term about 1e-4 of z in a model this small (README)
+    teefusion_divisor: float = 1.0
     ema: float = 0.999
 
 
@@ -96,16 +100,13 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="output folder (default runs/toy-DATA-PRESET)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teefusion-divisor", type=float, default=None,
+                   help="divide Eq. 7's term by this (default 1, the paper's Eq. 7; the authors' SD3 code: 256)")
     return p.parse_args(argv)
 
 
 # ---------------------------------------------------------------------------------------------
 # helpers
-
-
-def autocast(device):
-    """bf16 autocast on a GPU; fp32 on the CPU (bf16 matmuls there are slow)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def mmdit_config(data, P):
@@ -163,6 +164,7 @@ def teacher_loss(model, text, x0, ids, g):
 
 def stage_teacher(data, P, device, out, seed):
     path, partial = os.path.join(out, "teacher.pt"), os.path.join(out, "teacher.partial.pt")
+    torch.manual_seed(seed)  # the same initial weights whichever stages ran before in this process
     tokenizer = Tokenizer(data.vocabulary(), P.text_len)
     model, text = MMDiT(mmdit_config(data, P)).to(device), TextEncoder(
         len(tokenizer), P.text_len, P.text_width, P.text_layers, pooled_dim=P.text_width).to(device)
@@ -216,57 +218,6 @@ def stage_teacher(data, P, device, out, seed):
 # stages 3-5: scoring samplers and students, distilling, reporting
 
 
-class Scorer:
-    """Generates images for a fixed set of prompts and noises, and scores them."""
-
-    def __init__(self, data, P, device, evaluator, text, bank, seed):
-        self.P, self.device, self.evaluator = P, device, evaluator
-        K = bank.ids.shape[0]
-        combo = torch.arange(P.n_eval) % K  # every label combination, in turn
-        self.y = torch.stack([combo // r % n for r, n in zip(bank.radix.cpu(), data.classes)], dim=1)  # (n, A)
-        g = torch.Generator(device).manual_seed(seed + 1)
-        with torch.no_grad():
-            self.c = text(bank.sample(self.y.to(device), g))
-            self.u = text(bank.empty)
-        self.noise = torch.randn(P.n_eval, data.channels, 32, 32, generator=g, device=device)
-        self.ts = time_grid(P.sample_steps).to(device)
-        self.real = features(evaluator, data.test_x)
-
-    def generate(self, method, n=None):
-        """method(x, ts, c, u) -> Samples, on the first n prompts and noises, in batches."""
-        n = n or self.P.n_eval
-        images, s = [], None
-        for i in tqdm(range(0, n, self.P.time_batch), desc="sampling", leave=False):
-            j = min(i + self.P.time_batch, n)
-            c = Text(self.c.tokens[i:j], self.c.pooled[i:j])
-            with autocast(self.device):
-                s = method(self.noise[i:j], self.ts, c, self.u.expand(j - i))
-            images.append(s.x.float().clamp(-1, 1).cpu())
-        return torch.cat(images), s
-
-    def ms_per_image(self, method):
-        """Wall time of one batch of `time_batch` images (after a warm-up batch), per image."""
-        B = min(self.P.time_batch, self.P.n_eval)
-        c = Text(self.c.tokens[:B], self.c.pooled[:B])
-        for timed in (False, True):
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            with autocast(self.device):
-                method(self.noise[:B], self.ts, c, self.u.expand(B))
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-        return 1000 * (time.perf_counter() - start) / B
-
-    def score(self, method, n=None, timing=True):
-        x, s = self.generate(method, n)
-        r = {"accuracy": prompt_accuracy(self.evaluator, x, self.y[: len(x)]),
-             "fd": frechet_distance(features(self.evaluator, x), self.real)}
-        if timing:
-            r.update(passes=s.passes / s.steps, nominal=s.nominal / s.steps, ms=self.ms_per_image(method))
-        return r, x
-
-
 def teacher_methods(teacher, weak, w):
     return {
         "Teacher Euler (no guidance)": lambda x, ts, c, u: samplers.euler(teacher, x, ts, c),
@@ -277,22 +228,29 @@ def teacher_methods(teacher, weak, w):
     }
 
 
-# student name: (teacher sampler of Alg. 1, student kind, the teacher row it imitates)
+# student name: (teacher sampler of Alg. 1, student kind, the teacher row it imitates, divisor of
+# the TeEFusion term; None = the preset's)
 STUDENTS = {
-    "TeEFusion from Euler+CFG": ("cfg", "teefusion", "Teacher Euler+CFG"),
-    "TeEFusion from Z-Sampling+CFG": ("zsampling", "teefusion", "Teacher Z-Sampling+CFG"),
-    "TeEFusion from W2SD+CFG": ("w2sd", "teefusion", "Teacher W2SD+CFG"),
-    "DistillCFG from W2SD+CFG": ("w2sd", "distillcfg", "Teacher W2SD+CFG"),
-    "G(psi(w)) from W2SD+CFG": ("w2sd", "gpsi_ablation", "Teacher W2SD+CFG"),
+    "TeEFusion from Euler+CFG": ("cfg", "teefusion", "Teacher Euler+CFG", None),
+    "TeEFusion from Z-Sampling+CFG": ("zsampling", "teefusion", "Teacher Z-Sampling+CFG", None),
+    "TeEFusion from W2SD+CFG": ("w2sd", "teefusion", "Teacher W2SD+CFG", None),
+    "TeEFusion, term / 256 (authors' SD3 code), from W2SD+CFG": ("w2sd", "teefusion", "Teacher W2SD+CFG",
+                                                                  TEEFUSION_DIVISOR),
+    "DistillCFG from W2SD+CFG": ("w2sd", "distillcfg", "Teacher W2SD+CFG", None),
+    "G(psi(w)) from W2SD+CFG": ("w2sd", "gpsi_ablation", "Teacher W2SD+CFG", None),
 }
 
 
 def stage_students(data, P, device, out, seed, teacher, weak, text, bank, kind):
     """Alg. 1 from one teacher sampler: every student of STUDENTS that uses it, on shared targets."""
-    names = [n for n, (k, _, _) in STUDENTS.items() if k == kind]
-    students = [Student(copy.deepcopy(teacher).requires_grad_(True).train(), STUDENTS[n][1]) for n in names]
-    for s in students:
-        s.H = DistillCFG(teacher.config.hidden_size).to(device) if s.kind == "distillcfg" else None
+    names = [n for n, spec in STUDENTS.items() if spec[0] == kind]
+    torch.manual_seed(seed)  # DistillCFG's H starts the same whichever stages ran before
+    students = []
+    for n in names:
+        _, student_kind, _, divisor = STUDENTS[n]
+        H = DistillCFG(teacher.config.hidden_size).to(device) if student_kind == "distillcfg" else None
+        students.append(Student(copy.deepcopy(teacher).requires_grad_(True).train(), student_kind, H,
+                                P.teefusion_divisor if divisor is None else divisor))
     path, partial = os.path.join(out, f"students_{kind}.pt"), os.path.join(out, f"students_{kind}.partial.pt")
     params = lambda s: [*s.model.parameters(), *(s.H.parameters() if s.H is not None else [])]
     opts = [torch.optim.AdamW(params(s), lr=P.distill_lr, weight_decay=0.0) for s in students]
@@ -347,7 +305,7 @@ def stage_students(data, P, device, out, seed, teacher, weak, text, bank, kind):
 
 
 def student_method(s, w):
-    return lambda x, ts, c, u: samplers.student(s.model, x, ts, c, u, w, s.kind, s.H)
+    return lambda x, ts, c, u: samplers.student(s, x, ts, c, u, w)
 
 
 def main(argv=None):
@@ -355,6 +313,8 @@ def main(argv=None):
     device = torch.device(args.device)
     args.preset = args.preset or ("full" if device.type == "cuda" else "smoke")
     P = PRESETS[args.preset]
+    if args.teefusion_divisor is not None:
+        P = dataclasses.replace(P, teefusion_divisor=args.teefusion_divisor)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda, but torch sees no GPU; use --device cpu (and --preset smoke)")
     out = args.out or os.path.join("runs", f"toy-{args.data}-{args.preset}")
@@ -387,7 +347,7 @@ def main(argv=None):
 
         def compute():
             r, x = scorer.score(method)
-            save_grid(x[:64], os.path.join(out, f"{slug}.png"))
+            save_grid(spread(x, 64), os.path.join(out, f"{slug}.png"))
             return {**r, "x": toydata.to_uint8(x)}
         r = staged(os.path.join(out, "scores", f"{slug}.pt"), compute)
         if teacher_x is not None:
@@ -404,6 +364,8 @@ def main(argv=None):
 
     sweep_methods = {"W2SD+CFG": lambda w: teacher_methods(teacher, weak, w)["Teacher W2SD+CFG"],
                      "TeEFusion": lambda w: student_method(students["TeEFusion from W2SD+CFG"], w),
+                     "TeEFusion / 256": lambda w: student_method(
+                         students["TeEFusion, term / 256 (authors' SD3 code), from W2SD+CFG"], w),
                      "DistillCFG": lambda w: student_method(students["DistillCFG from W2SD+CFG"], w)}
 
     def sweep_compute():
@@ -412,7 +374,7 @@ def main(argv=None):
             rows[w], grid[w] = {}, {}
             for m, make in sweep_methods.items():
                 r, x = scorer.score(make(w), n=max(P.n_eval // 2, 8), timing=False)
-                rows[w][m], grid[w][m] = r, x[:8]
+                rows[w][m], grid[w][m] = r, spread(x, 8)
         save_w_grid(grid, os.path.join(out, "grid_w.png"))
         return {"rows": rows}
     sweep = staged(os.path.join(out, "sweep.pt"), sweep_compute)

@@ -7,9 +7,9 @@ import torch
 
 from conftest import TINY, random_mmdit
 from test_samplers import Field, text
-from tinyteef.distill import DistillConfig, Student, distill_step, sample_training_point, teacher_target
+from tinyteef.distill import DistillConfig, distill_step, sample_training_point, teacher_target
 from tinyteef.flow import interpolate, sample_t_logit_normal, velocity_target
-from tinyteef.guidance import Text, guided_velocity, student_velocity
+from tinyteef.guidance import Student, Text, guided_velocity
 from tinyteef.mmdit import MMDiT, MMDiTConfig
 
 X = torch.arange(8.0).reshape(2, 1, 2, 2)
@@ -128,7 +128,7 @@ def test_teefusion_student_learns_cfg_at_held_out_w():
 
     def error(model):
         with torch.no_grad():
-            return (student_velocity(model, x_t, t, c, empty.expand(M), w) - target).square().mean().item()
+            return (Student(model).velocity(x_t, t, c, empty.expand(M), w) - target).square().mean().item()
 
     student = copy.deepcopy(teacher).requires_grad_(True)
     before = error(student)

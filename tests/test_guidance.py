@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import TINY, oracle, random_mmdit
-from tinyteef.guidance import (DistillCFG, Text, cfg, gpsi_term, guided_velocity, naive_fusion,
-                               student_term, student_velocity, teefusion_term, w_from_guidance_scale)
+from tinyteef.guidance import (DistillCFG, Student, Text, cfg, gpsi_term, guided_velocity, naive_fusion,
+                               teefusion_term, w_from_guidance_scale)
 
 
 class ConstantNet:
@@ -86,7 +86,7 @@ def test_eq7_equals_the_authors_formula():
             ctx, h = block(hidden_states=h, encoder_hidden_states=ctx, temb=temb)
         h = ref.proj_out(ref.norm_out(h, temb)).reshape(3, 4, 4, 2, 2, 4)
         v_authors = torch.einsum("nhwpqc->nchpwq", h).reshape(3, 4, 8, 8)
-        v_ours = student_velocity(ours, x, t, c, u, w, "teefusion")
+        v_ours = Student(ours).velocity(x, t, c, u, w)
     assert (v_ours - v_authors).abs().max() < 1e-5
     assert (v_ours - ours(x, t, c.tokens, c.pooled)).abs().max() > 1e-3  # the term changes the output
 
@@ -108,7 +108,7 @@ def test_distillcfg_starts_as_the_teacher():
     u = Text(torch.zeros(2, 5, 12), torch.zeros(2, 10))
     with torch.no_grad():
         assert H(torch.tensor([2.0, 14.0])).eq(0).all()  # zero-initialised last layer
-        assert torch.equal(student_velocity(model, x, t, c, u, 7.0, "distillcfg", H),
+        assert torch.equal(Student(model, "distillcfg", H).velocity(x, t, c, u, 7.0),
                            model(x, t, c.tokens, c.pooled))
     with torch.no_grad():  # once trained, H(psi(1000 w)) depends on w
         H.linear_2.weight.normal_()
@@ -117,6 +117,15 @@ def test_distillcfg_starts_as_the_teacher():
 
 def test_unknown_student_kind():
     with pytest.raises(ValueError, match="unknown student kind 'eq7'"):
-        student_term("eq7", random_mmdit(), 3.0, text(1), text(0))
+        Student(random_mmdit(), "eq7")
     with pytest.raises(ValueError, match="needs its guidance MLP H"):
-        student_term("distillcfg", random_mmdit(), 3.0, text(1), text(0))
+        Student(random_mmdit(), "distillcfg")
+
+
+def test_divisor_scales_the_term():
+    # Eq. 7 as the paper writes it (divisor 1) is 256 times the authors' SD3 term
+    model, c = random_mmdit(), Text(torch.randn(2, 5, 12), torch.randn(2, 10))
+    u = Text(torch.zeros(2, 5, 12), torch.zeros(2, 10))
+    with torch.no_grad():
+        paper, authors = Student(model, divisor=1.0).term(3.0, c, u), Student(model).term(3.0, c, u)
+    assert torch.allclose(paper, 256 * authors, rtol=1e-5)

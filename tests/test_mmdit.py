@@ -40,7 +40,7 @@ def test_parity_with_diffusers(variant):
 
 
 def test_position_table_equals_diffusers():
-    diffusers = oracle("diffusers")
+    oracle("diffusers")
     from diffusers.models.embeddings import PatchEmbed
     for sample_size, P, D in [(8, 12, 16), (128, 24, 64)]:
         ref = PatchEmbed(height=sample_size, width=sample_size, patch_size=2, in_channels=4,
@@ -56,7 +56,7 @@ def test_psi_by_hand_and_against_diffusers():
     # frequency 0 is 1: the first cos channel is cos(s), the first sin channel sin(s)
     s = torch.tensor([3.0])
     assert torch.allclose(psi(s)[0, [0, 128]], torch.tensor([torch.cos(s), torch.sin(s)]).flatten())
-    diffusers = oracle("diffusers")
+    oracle("diffusers")
     from diffusers.models.embeddings import get_timestep_embedding
     s = torch.tensor([0.5, 17.0, 999.0, 6000.0])
     ref = get_timestep_embedding(s, 256, flip_sin_to_cos=True, downscale_freq_shift=0)

@@ -7,7 +7,7 @@ import torch
 from conftest import random_mmdit
 from tinyteef import samplers
 from tinyteef.flow import time_grid
-from tinyteef.guidance import Text
+from tinyteef.guidance import Student, Text
 from tinyteef.samplers import reflect
 
 
@@ -85,7 +85,7 @@ def test_forward_pass_counts(N):
         "euler": (samplers.euler(Field(), X0, ts, c), 1, 1),
         "euler_cfg": (samplers.euler_cfg(Field(), X0, ts, c, u, 2.0), 2, 2),
         "naive": (samplers.naive(Field(), X0, ts, c, u, 2.0), 1, 1),
-        "student": (samplers.student(model, x, ts, mc, mu, 2.0), 1, 1),
+        "student": (samplers.student(Student(model), x, ts, mc, mu, 2.0), 1, 1),
         "z_sampling": (samplers.z_sampling(Field(), X0, ts, c, u, 2.0, w_inv=0.5), 6, 2),
         "w2sd": (samplers.w2sd(Field(), Field(), X0, ts, c, u, 2.0, w_weak=0.5), 6, 2),
     }

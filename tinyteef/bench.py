@@ -15,7 +15,7 @@ import time
 import torch
 
 from .flow import time_grid
-from .guidance import Text
+from .guidance import Student, Text
 from .mmdit import MMDiT, MMDiTConfig
 from . import samplers
 
@@ -84,7 +84,7 @@ def main(argv=None):
         "naive fusion (Eq. 5)": lambda: samplers.naive(strong, x, ts, c, u, w),
         "Z-Sampling+CFG": lambda: samplers.z_sampling(strong, x, ts, c, u, w),
         "W2SD+CFG": lambda: samplers.w2sd(strong, weak, x, ts, c, u, w),
-        "TeEFusion student (Eq. 7)": lambda: samplers.student(strong, x, ts, c, u, w),
+        "TeEFusion student (Eq. 7)": lambda: samplers.student(Student(strong), x, ts, c, u, w),
     }
     n_params = sum(p.numel() for p in strong.parameters())
     flops = strong.flops_per_forward(1, args.latent, args.latent, L)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F_
 
 from .flow import interpolate, next_t, sample_t_logit_normal
-from .guidance import STUDENT_KINDS, Text, guided_velocity, student_velocity
+from .guidance import Student, Text, guided_velocity
 from .samplers import reflect
 
 TEACHERS = ("cfg", "zsampling", "w2sd")
@@ -49,20 +49,6 @@ class DistillConfig:
                              f"choose one of {', '.join(REFLECTION_TARGETS)}")
         if not self.w_min <= self.w_max:
             raise ValueError(f"need w_min <= w_max, got {self.w_min} > {self.w_max}")
-
-
-@dataclass
-class Student:
-    """A student being distilled. `net` runs its forward (a DDP wrapper); default: `model`."""
-
-    model: torch.nn.Module
-    kind: str = "teefusion"  # teefusion | distillcfg | gpsi_ablation
-    H: torch.nn.Module | None = None  # DistillCFG's guidance MLP, for kind "distillcfg"
-    net: object = None
-
-    def __post_init__(self):
-        if self.kind not in STUDENT_KINDS:
-            raise ValueError(f"unknown student kind {self.kind!r}; choose one of {', '.join(STUDENT_KINDS)}")
 
 
 def sample_training_point(x0, cfg: DistillConfig, generator=None):
@@ -109,8 +95,7 @@ def teacher_target(teacher, x_t, t, w, c: Text, u: Text, cfg: DistillConfig, wea
 def student_loss(student: Student, x_t, t, w, c: Text, u: Text, target):
     """Alg. 1 lines 12-13: the student's one-pass velocity with z^ (Eq. 7, or a baseline's term)
     against the teacher's target, mean squared error in float32."""
-    v = student_velocity(student.model, x_t, t, c, u, w, student.kind, student.H, net=student.net)
-    return F_.mse_loss(v.float(), target.float())
+    return F_.mse_loss(student.velocity(x_t, t, c, u, w).float(), target.float())
 
 
 def distill_step(students, teacher, x0, c: Text, u: Text, cfg: DistillConfig, weak=None,
@@ -119,7 +104,7 @@ def distill_step(students, teacher, x0, c: Text, u: Text, cfg: DistillConfig, we
     teacher's target once, and for each student compute its loss and back-propagate
     loss * loss_scale (1 / accumulation steps). The optimizer update is the caller's.
 
-    students: a list of Student; x0 (B, C, H, W); c the batch's prompts, u the empty prompt (any
+    students: a list of guidance.Student; x0 (B, C, H, W); c the batch's prompts, u the empty prompt (any
     batch size that broadcasts, e.g. 1). Returns the unscaled losses, one float per student.
     """
     B = x0.shape[0]

@@ -76,21 +76,23 @@ def naive_fusion(c: Text, u: Text, w):
     return Text(c.tokens + wt * (c.tokens - u.tokens), c.pooled + wp * (c.pooled - u.pooled))
 
 
-def teefusion_term(model, w, c: Text, u: Text):
-    """Eq. 7's extra term, exactly as the authors' released code computes it:
+def teefusion_term(model, w, c: Text, u: Text, divisor=TEEFUSION_DIVISOR):
+    """Eq. 7's extra term, as the authors' released code computes it:
 
-        G(psi(1000 w)) ⊙ F(pooled(c) - pooled(∅)) / 256
+        G(psi(1000 w)) ⊙ F(pooled(c) - pooled(∅)) / divisor
 
     - G and psi are the model's own timestep MLP and sinusoid, and w is scaled by 1000 like t;
     - F is the model's own pooled-text MLP, applied to the difference of the pooled vectors
       (difference first, then F: "c - ∅ is computed after projection to the text embedding
       space" means F's input space, the pooled vector);
-    - the division by TEEFUSION_DIVISOR is not in the paper (see there).
+    - the divisor is 256 in the authors' SD3 code (TEEFUSION_DIVISOR) and absent (1) in the
+      paper's Eq. 7. It sets the term's size next to z = G(psi(t)) + F(c), which depends on the
+      model: see the toy's README section for what 256 does to a small model.
     Ours differs from the authors' pipeline in one place: 1000 w and psi are float32 here
     (`MMDiT.embed_scalar`), where they build w in the model's dtype (bf16 rounds 6000 to 6016).
     Returns (B, D).
     """
-    return model.embed_scalar(w) * model.F(c.pooled - u.pooled) / TEEFUSION_DIVISOR
+    return model.embed_scalar(w) * model.F(c.pooled - u.pooled) / divisor
 
 
 def gpsi_term(model, w):
@@ -115,22 +117,37 @@ class DistillCFG(MLPEmbedder):
         return super().forward(psi_scaled(w, self.linear_1.weight))
 
 
-def student_term(kind, model, w, c: Text, u: Text, H=None):
-    """The vector a student adds to z, for each kind of student (METHOD §4-5)."""
-    if kind == "teefusion":
-        return teefusion_term(model, w, c, u)
-    if kind == "gpsi_ablation":
-        return gpsi_term(model, w)
-    if kind == "distillcfg":
-        if H is None:
+@dataclass
+class Student:
+    """A one-pass student and how the guidance weight w enters its conditioning z (METHOD §4-5).
+
+    kind: "teefusion" (Eq. 7), "distillcfg" (H(psi(w)), H a new MLP, given as `H`) or
+    "gpsi_ablation" (G(psi(w)), Table 3). `divisor` scales the TeEFusion term. `net` runs the
+    forward (a DDP wrapper or a pass counter around `model`); by default the model itself.
+    """
+
+    model: nn.Module
+    kind: str = "teefusion"
+    H: nn.Module | None = None
+    divisor: float = TEEFUSION_DIVISOR
+    net: object = None
+
+    def __post_init__(self):
+        if self.kind not in STUDENT_KINDS:
+            raise ValueError(f"unknown student kind {self.kind!r}; choose one of {', '.join(STUDENT_KINDS)}")
+        if self.kind == "distillcfg" and self.H is None:
             raise ValueError("a distillcfg student needs its guidance MLP H (guidance.DistillCFG)")
-        return H(w)
-    raise ValueError(f"unknown student kind {kind!r}; choose one of {', '.join(STUDENT_KINDS)}")
 
+    def term(self, w, c: Text, u: Text):
+        """The vector this student adds to z. (B or 1, D)."""
+        if self.kind == "teefusion":
+            return teefusion_term(self.model, w, c, u, self.divisor)
+        if self.kind == "gpsi_ablation":
+            return gpsi_term(self.model, w)
+        return self.H(w)
 
-def student_velocity(model, x, t, c: Text, u: Text, w, kind="teefusion", H=None, net=None):
-    """The student's one-pass velocity v_S(x_t, z^(t, c, ∅, w)): the attention sees the
-    conditional tokens only; w enters through the term added to z. `net` runs the forward
-    (a DDP wrapper or a pass counter around `model`); by default the model itself."""
-    net = model if net is None else net
-    return net(x, t, c.tokens, c.pooled, student_term(kind, model, w, c, u, H))
+    def velocity(self, x, t, c: Text, u: Text, w, extra=None):
+        """v_S(x_t, z^(t, c, ∅, w)), one forward pass: the attention sees the conditional tokens
+        only; w enters through the term added to z (`extra`, computed here unless given)."""
+        net = self.model if self.net is None else self.net
+        return net(x, t, c.tokens, c.pooled, self.term(w, c, u) if extra is None else extra)

@@ -349,7 +349,7 @@ class MMDiT(nn.Module):
         `estimate_mfu` counts them; a training step costs about 3x (forward + backward).
         height, width: latent size; text_len: number of text tokens L."""
         cfg, D = self.config, self.config.hidden_size
-        p, n_layers = cfg.patch_size, cfg.num_layers
+        p = cfg.patch_size
         N, L = (height // p) * (width // p), text_len
         f = 2 * N * D * cfg.in_channels * p * p  # patch embedding
         f += 2 * (PSI_DIM * D + D * D) + 2 * (cfg.pooled_projection_dim * D + D * D)  # G, F

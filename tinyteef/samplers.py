@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .flow import euler_invert, euler_step
-from .guidance import Text, guided_velocity, naive_fusion, student_velocity
+from .guidance import Student, Text, guided_velocity, naive_fusion
 
 
 @dataclass
@@ -124,11 +124,12 @@ def naive(model, x, ts, c: Text, u: Text, w, progress=False):
 
 
 @torch.no_grad()
-def student(model, x, ts, c: Text, u: Text, w, kind="teefusion", H=None, progress=False):
-    """A distilled student: plain Euler, one pass per step, guidance w in z (Eq. 7 or a baseline)."""
-    return _run([model], x, ts, lambda net: euler_sampler(
-        lambda y, t: student_velocity(model, y, t, c, u, w, kind, H, net=net)),
-        len(ts) - 1, progress)
+def student(s: Student, x, ts, c: Text, u: Text, w, progress=False):
+    """A distilled student (guidance.Student): plain Euler, one pass per step, guidance w in z.
+    Its term depends on w, c and ∅ only, not on x or t, so it is computed once for all steps."""
+    extra = s.term(w, c, u)
+    return _run([s.model], x, ts, lambda net: euler_sampler(
+        lambda y, t: net(y, t, c.tokens, c.pooled, extra)), len(ts) - 1, progress)
 
 
 def _reflection_nominal(ts, reflect_steps):

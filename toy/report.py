@@ -5,16 +5,14 @@ grid of samples, rows w, columns methods)."""
 import os
 
 import torch
-from torchvision.io import write_png
-from torchvision.utils import make_grid
+from torchvision.utils import make_grid, save_image
 
 from .data import to_uint8
 
 
 def save_grid(images, path, nrow=8):
     """Write images (N, C, H, W) in [-1, 1] as one PNG grid."""
-    grid = make_grid(to_uint8(images.cpu()).float() / 255, nrow=nrow, padding=1, pad_value=0.5)  # (C, H', W')
-    write_png((grid * 255).round().to(torch.uint8), path)
+    save_image(to_uint8(images.cpu()).float() / 255, path, nrow=nrow, padding=1, pad_value=0.5)
 
 
 def save_w_grid(rows, path):
@@ -26,7 +24,7 @@ def save_w_grid(rows, path):
                   for x in by_method.values()]
         gap = torch.ones(blocks[0].shape[0], blocks[0].shape[1], 4)  # white gap between methods
         lines.append(torch.cat([b if i == 0 else torch.cat([gap, b], dim=2) for i, b in enumerate(blocks)], dim=2))
-    write_png((torch.cat(lines, dim=1) * 255).round().to(torch.uint8), path)
+    save_image(torch.cat(lines, dim=1), path)  # (C, H', W') in [0, 1]
 
 
 def _fmt(v, spec):

@@ -1,0 +1,58 @@
+"""train_toy.py: a stopped stage resumes to exactly what an uninterrupted run computes, finished
+stages are not recomputed, and a folder of another configuration is refused."""
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+import train_toy
+from toy import data as toydata
+
+TINY = dataclasses.replace(train_toy.PRESETS["smoke"], limit=(200, 50), eval_steps=5, teacher_steps=20,
+                           batch=8, sample_steps=2, n_eval=16, distill_steps=4, distill_batch=4,
+                           sweep=(2.0, 14.0), save_every=10, time_batch=16)
+
+
+class Stop(Exception):
+    pass
+
+
+def test_stopped_teacher_resumes_exactly(tmp_path, monkeypatch):
+    data = toydata.load("shapes", limit=TINY.limit)
+    dev = torch.device("cpu")
+    whole = train_toy.stage_teacher(data, TINY, dev, str(tmp_path / "whole"), 0)[0]
+
+    calls = {"n": 0}
+    update = train_toy.ema_update
+
+    def stop_at_step_15(ema, model, decay):
+        calls["n"] += 1
+        if calls["n"] == 15:  # after the checkpoint of step 10, before the end
+            raise Stop
+        update(ema, model, decay)
+    monkeypatch.setattr(train_toy, "ema_update", stop_at_step_15)
+    with pytest.raises(Stop):
+        train_toy.stage_teacher(data, TINY, dev, str(tmp_path / "resumed"), 0)
+    assert os.path.exists(tmp_path / "resumed" / "teacher.partial.pt")
+    monkeypatch.setattr(train_toy, "ema_update", update)
+    resumed = train_toy.stage_teacher(data, TINY, dev, str(tmp_path / "resumed"), 0)[0]
+    assert not os.path.exists(tmp_path / "resumed" / "teacher.partial.pt")
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_whole_run_then_cached_then_refused(tmp_path, monkeypatch):
+    monkeypatch.setitem(train_toy.PRESETS, "smoke", TINY)
+    out = str(tmp_path / "run")
+    train_toy.main(["--data", "shapes", "--device", "cpu", "--out", out])
+    for name in ("report.md", "grid_w.png", "teacher.pt", "students_w2sd.pt", "sweep.pt"):
+        assert os.path.exists(os.path.join(out, name)), name
+    report = open(os.path.join(out, "report.md")).read()
+    assert report.count("\n| ") >= 2 + len(train_toy.STUDENTS) + 5  # header rows, 5 teachers, students
+    stamp = os.path.getmtime(os.path.join(out, "teacher.pt"))
+    train_toy.main(["--data", "shapes", "--device", "cpu", "--out", out])  # every stage cached
+    assert os.path.getmtime(os.path.join(out, "teacher.pt")) == stamp
+    with pytest.raises(SystemExit, match="another --data, --preset or --seed"):
+        train_toy.main(["--data", "shapes", "--device", "cpu", "--out", out, "--seed", "1"])
