@@ -110,6 +110,8 @@ def parse_args(argv=None):
 
 
 def mmdit_config(data, P):
+    """The toy MMDiT: SD3's architecture at P.width x P.layers, patch 2 on 32 x 32 images, text
+    widths from the tiny text encoder."""
     heads = max(P.width // 64, 2)
     return MMDiTConfig(sample_size=32, patch_size=2, in_channels=data.channels, out_channels=data.channels,
                        num_layers=P.layers, attention_head_dim=P.width // heads, num_attention_heads=heads,
@@ -118,6 +120,7 @@ def mmdit_config(data, P):
 
 
 def ema_update(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
     with torch.no_grad():
         torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
@@ -132,6 +135,7 @@ def staged(path, compute):
 
 
 def random_rows(g, n, size):
+    """`size` random indices below n, drawn from the generator g (on its device)."""
     return torch.randint(n, (size,), generator=g, device=g.device)
 
 
@@ -219,6 +223,7 @@ def stage_teacher(data, P, device, out, seed):
 
 
 def teacher_methods(teacher, weak, w):
+    """The teacher's samplers at guidance w, each as method(x, ts, c, u) -> samplers.Samples."""
     return {
         "Teacher Euler (no guidance)": lambda x, ts, c, u: samplers.euler(teacher, x, ts, c),
         "Teacher Euler+CFG": lambda x, ts, c, u: samplers.euler_cfg(teacher, x, ts, c, u, w),
@@ -305,6 +310,7 @@ def stage_students(data, P, device, out, seed, teacher, weak, text, bank, kind):
 
 
 def student_method(s, w):
+    """A student's one-pass Euler sampler at guidance w, as method(x, ts, c, u)."""
     return lambda x, ts, c, u: samplers.student(s, x, ts, c, u, w)
 
 
