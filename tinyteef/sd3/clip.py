@@ -15,7 +15,7 @@ Parameter names equal those of transformers' `CLIPTextModelWithProjection`, whos
 Reference: Radford et al. 2021 (CLIP); transformers' modeling_clip.py (5.23).
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -51,11 +51,6 @@ class CLIPConfig:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of "
                              f"num_attention_heads ({self.num_attention_heads})")
-
-    @classmethod
-    def from_dict(cls, d):
-        """The config from a transformers config.json dict; keys we do not use are ignored."""
-        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
 # OpenCLIP ViT-bigG/14's text tower, SD3's text_encoder_2 (SD3.md §5).

@@ -17,7 +17,7 @@ Reference: Raffel et al. 2020 (T5); Shazeer 2020 (GEGLU, T5 v1.1); transformers'
 """
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -43,11 +43,6 @@ class T5Config:
         if self.feed_forward_proj != "gated-gelu":
             raise ValueError(f"only T5 v1.1's feed_forward_proj 'gated-gelu' is implemented, "
                              f"got {self.feed_forward_proj!r}")
-
-    @classmethod
-    def from_dict(cls, d):
-        """The config from a transformers config.json dict; keys we do not use are ignored."""
-        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
 def relative_position_bucket(rel, num_buckets=32, max_distance=128):

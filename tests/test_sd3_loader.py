@@ -1,0 +1,136 @@
+"""sd3/loader.py on folders that the reference libraries wrote themselves (save_pretrained), so the
+real file layouts are read; outputs are compared with the reference models'."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import TINY, oracle
+from tinyteef.safetensors import load_file, save_file
+from tinyteef.sd3.loader import (infer_mmdit_config, load_text_encoder, load_transformer, load_vae)
+
+TINY_35 = {**TINY, "qk_norm": "rms_norm", "dual_attention_layers": (0,)}
+# without qk-norm the head size cannot be read from shapes: the loader assumes SD3's 64
+TINY_64 = {**TINY, "attention_head_dim": 64, "num_attention_heads": 1, "caption_projection_dim": 64}
+
+
+def mmdit_inputs():
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(2, 4, 8, 8, generator=g), torch.rand(2, generator=g),
+            torch.randn(2, 5, 12, generator=g), torch.randn(2, 10, generator=g))
+
+
+def save_transformer(tmp_path, config):
+    diffusers = oracle("diffusers")
+    torch.manual_seed(0)
+    ref = diffusers.SD3Transformer2DModel(**config).eval()
+    ref.save_pretrained(tmp_path / "transformer")
+    return ref
+
+
+@pytest.mark.parametrize("config", [TINY_64, TINY_35], ids=["sd3", "sd35"])
+def test_transformer_from_diffusers_folder(tmp_path, config):
+    ref = save_transformer(tmp_path, config)
+    x, t, tokens, pooled = mmdit_inputs()
+    with torch.no_grad():
+        expected = ref(hidden_states=x, encoder_hidden_states=tokens, pooled_projections=pooled,
+                       timestep=1000 * t).sample
+        model, H = load_transformer(tmp_path)
+        assert H is None
+        assert (model(x, t, tokens, pooled) - expected).abs().max() < 1e-5
+        # without config.json the config comes from the shapes (SD3.md §1)
+        os.remove(tmp_path / "transformer" / "config.json")
+        model, _ = load_transformer(tmp_path)
+        assert (model(x, t, tokens, pooled) - expected).abs().max() < 1e-5
+
+
+def test_inferred_config_by_hand(tmp_path):
+    save_transformer(tmp_path, TINY_35)
+    cfg = infer_mmdit_config(load_file(tmp_path / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert (cfg.num_layers, cfg.num_attention_heads, cfg.attention_head_dim, cfg.pos_embed_max_size) == (3, 2, 8, 12)
+    assert (cfg.qk_norm, cfg.dual_attention_layers, cfg.joint_attention_dim, cfg.pooled_projection_dim) == (
+        "rms_norm", (0,), 12, 10)
+
+
+def test_authors_student_and_distillcfg_layouts(tmp_path):
+    ref = save_transformer(tmp_path, TINY)
+    folder = tmp_path / "transformer"
+    cfg_path = folder / "config.json"
+    d = json.loads(cfg_path.read_text())
+    d.update(guidance=False, txt_align_guidance=True)  # the authors' released student's config keys
+    cfg_path.write_text(json.dumps(d))
+    model, H = load_transformer(tmp_path)
+    assert H is None
+    # a DistillCFG checkpoint stores H as guidance_in.linear_{1,2}.*
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    g = torch.Generator().manual_seed(3)
+    extra = {f"guidance_in.linear_{i}.{p}": torch.randn(shape, generator=g) for i, shape_w in ((1, (16, 256)), (2, (16, 16)))
+             for p, shape in (("weight", shape_w), ("bias", (16,)))}
+    save_file({**state, **extra}, weights)
+    model, H = load_transformer(tmp_path)
+    assert torch.equal(H.linear_1.weight, extra["guidance_in.linear_1.weight"])
+    assert torch.equal(H.linear_2.bias, extra["guidance_in.linear_2.bias"])
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_vae_from_diffusers_folder(tmp_path):
+    diffusers = oracle("diffusers")
+    torch.manual_seed(0)
+    ref = diffusers.AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                                  latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, use_quant_conv=False,
+                                  use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609).eval()
+    ref.save_pretrained(tmp_path / "vae")
+    vae = load_vae(tmp_path)
+    z = torch.randn(1, 4, 3, 5)
+    with torch.no_grad():
+        assert (vae.decode(z) - ref.decode(z / 1.5305 + 0.0609).sample).abs().max() < 1e-5
+
+
+def test_text_encoders_from_transformers_folders(tmp_path):
+    transformers = oracle("transformers")
+    torch.manual_seed(0)
+    clip = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        projection_dim=16, eos_token_id=99, bos_token_id=98, pad_token_id=99)).eval()
+    clip.save_pretrained(tmp_path / "text_encoder")
+    t5 = transformers.T5EncoderModel(transformers.T5Config(
+        vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu")).eval()
+    t5.save_pretrained(tmp_path / "text_encoder_3", max_shard_size="40KB")  # sharded, with an index
+    assert any(f.endswith(".index.json") for f in os.listdir(tmp_path / "text_encoder_3"))
+    ids = torch.tensor([[98, 5, 7, 99] + [99] * 73])
+    with torch.no_grad():
+        hidden, pooled = load_text_encoder(tmp_path, "text_encoder")(ids)
+        ref = clip(ids, output_hidden_states=True)
+        assert (pooled - ref.text_embeds).abs().max() < 1e-5
+        assert (hidden - ref.hidden_states[-2]).abs().max() < 1e-5
+        ids = torch.randint(0, 100, (2, 12))
+        assert (load_text_encoder(tmp_path, "text_encoder_3")(ids) - t5(ids).last_hidden_state).abs().max() < 1e-5
+
+
+def test_errors_say_what_is_wrong(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no transformer/ folder"):
+        load_transformer(tmp_path)
+    os.makedirs(tmp_path / "vae")
+    with pytest.raises(FileNotFoundError, match="no .safetensors weights"):
+        load_vae(tmp_path)
+    save_transformer(tmp_path, TINY)
+    folder = tmp_path / "transformer"
+    d = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**d, "joint_attention_dim": 24}))
+    with pytest.raises(ValueError, match=r"context_embedder.weight has shape \(16, 12\) in the checkpoint but \(16, 24\)"):
+        load_transformer(tmp_path)
+    (folder / "config.json").write_text(json.dumps({**d, "qk_norm": "rms_norm"}))
+    with pytest.raises(ValueError, match="fits no known layout"):
+        load_transformer(tmp_path)
+    os.remove(folder / "config.json")  # 16 wide, heads of 8, no qk-norm: not inferable
+    with pytest.raises(ValueError, match="cannot infer the head size"):
+        load_transformer(tmp_path)
+    (folder / "config.json").write_text(json.dumps(d))
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="truncated"):
+        load_transformer(tmp_path)

@@ -1,0 +1,143 @@
+"""Loading SD3 / SD3.5 components from the diffusers folder layout into our modules.
+
+A model folder holds `transformer/`, `vae/`, `text_encoder/` (CLIP-L), `text_encoder_2/` (OpenCLIP
+bigG), optionally `text_encoder_3/` (T5; SD3 runs without it) and the tokenizer folders. Each
+component folder has a config.json and its weights as one `*.safetensors` file or shards with an
+`*.safetensors.index.json`. Our modules use the reference libraries' parameter names, so a state
+dict loads as it is; the config comes from config.json, or for the MMDiT from the tensor shapes
+(SD3.md §1). Weights are read with our own safetensors reader: nothing is unpickled.
+"""
+
+import json
+import math
+import os
+from dataclasses import fields
+
+from ..guidance import DistillCFG
+from ..mmdit import MMDiT, MMDiTConfig
+from ..safetensors import load_sharded
+from .clip import CLIPConfig, CLIPTextEncoder
+from .t5 import T5Config, T5Encoder
+from .vae import VAE, VAEConfig
+
+GUIDANCE_PREFIX = "guidance_in."  # DistillCFG's H in the authors' checkpoints (METHOD §5)
+
+
+def component_dir(model_dir, name):
+    """`model_dir/name`, or a clear error naming what is missing and the layout expected."""
+    path = os.path.join(model_dir, name)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{model_dir} has no {name}/ folder: expected the diffusers layout "
+                                "(transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/)")
+    return path
+
+
+def read_config(folder):
+    """config.json of a component folder as a dict, or None when there is none."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e})") from e
+
+
+def config_from_json(cls, d):
+    """A config dataclass from a config.json dict: the keys it knows, the rest ignored."""
+    return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+def read_weights(folder, device="cpu"):
+    """Every tensor of a component folder (one .safetensors file, or shards with an index)."""
+    if not any(f.endswith(".safetensors") for f in os.listdir(folder)):
+        raise FileNotFoundError(f"{folder} has no .safetensors weights (the diffusers layout stores "
+                                "them as diffusion_pytorch_model.safetensors or model.safetensors)")
+    return load_sharded(folder, device)
+
+
+def infer_mmdit_config(state):
+    """An MMDiTConfig from the shapes of a diffusers-layout MMDiT state dict (SD3.md §1).
+
+    The head size cannot be read from shapes without qk-norm; SD3 and SD3.5 all use 64.
+    """
+    proj = state["pos_embed.proj.weight"]  # (D, C, p, p)
+    D, C, p = proj.shape[0], proj.shape[1], proj.shape[-1]
+    qk_norm = "transformer_blocks.0.attn.norm_q.weight" in state
+    head = state["transformer_blocks.0.attn.norm_q.weight"].shape[0] if qk_norm else 64
+    if D % head:
+        raise ValueError(f"cannot infer the head size of a {D}-wide MMDiT without qk-norm (SD3 uses 64); "
+                         "put its config.json beside the weights")
+    blocks = {int(k.split(".")[1]) for k in state if k.startswith("transformer_blocks.")}
+    return MMDiTConfig(
+        patch_size=p, in_channels=C, out_channels=state["proj_out.weight"].shape[0] // (p * p),
+        num_layers=len(blocks), attention_head_dim=head, num_attention_heads=D // head,
+        joint_attention_dim=state["context_embedder.weight"].shape[1], caption_projection_dim=D,
+        pooled_projection_dim=state["time_text_embed.text_embedder.linear_1.weight"].shape[1],
+        pos_embed_max_size=math.isqrt(state["pos_embed.pos_embed"].shape[1]),
+        qk_norm="rms_norm" if qk_norm else None,
+        dual_attention_layers=tuple(sorted(i for i in blocks if f"transformer_blocks.{i}.attn2.to_q.weight" in state)))
+
+
+def load_state(model, state, where):
+    """Load a state dict and insist that it fits exactly, saying which key does not and how.
+    (Non-strict loading first, so that modules that fill keys themselves, such as T5's tied
+    embedding, are asked; every missing or unexpected key still raises.)"""
+    ours = model.state_dict()
+    for k, v in state.items():
+        if k in ours and ours[k].shape != v.shape:
+            raise ValueError(f"{where}: {k} has shape {tuple(v.shape)} in the checkpoint but "
+                             f"{tuple(ours[k].shape)} in the model its config describes")
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"{where}: the checkpoint fits no known layout: "
+                         f"{len(result.missing_keys)} keys missing (first: {result.missing_keys[:1]}), "
+                         f"{len(result.unexpected_keys)} unexpected (first: {result.unexpected_keys[:1]})")
+    return model
+
+
+def load_transformer(model_dir, device="cpu", dtype=None):
+    """The MMDiT of `model_dir/transformer`, and DistillCFG's H if the checkpoint has one.
+
+    The authors' released TeEFusion student is a plain SD3 transformer (its config.json adds
+    "txt_align_guidance": true, which we ignore: the Eq. 7 term needs no parameters).
+    Returns (MMDiT, DistillCFG or None).
+    """
+    folder = component_dir(model_dir, "transformer")
+    state = read_weights(folder, device)
+    H_state = {k[len(GUIDANCE_PREFIX):]: state.pop(k) for k in list(state) if k.startswith(GUIDANCE_PREFIX)}
+    d = read_config(folder)
+    cfg = config_from_json(MMDiTConfig, d) if d is not None else infer_mmdit_config(state)
+    model = load_state(MMDiT(cfg), state, folder).to(device, dtype)
+    H = None
+    if H_state:
+        H = load_state(DistillCFG(cfg.hidden_size), H_state, folder + " (guidance_in)").to(device, dtype)
+    return model, H
+
+
+def load_vae(model_dir, device="cpu", dtype=None):
+    """The autoencoder of `model_dir/vae`."""
+    folder = component_dir(model_dir, "vae")
+    d = read_config(folder)
+    model = VAE(config_from_json(VAEConfig, d) if d is not None else VAEConfig())
+    return load_state(model, read_weights(folder, device), folder).to(device, dtype)
+
+
+def load_text_encoder(model_dir, name, device="cpu", dtype=None):
+    """A text encoder by folder name: text_encoder / text_encoder_2 (CLIP) or text_encoder_3 (T5)."""
+    folder = component_dir(model_dir, name)
+    d = read_config(folder)
+    if d is None:
+        raise FileNotFoundError(f"{folder} has no config.json; it is needed to size the text encoder")
+    if name == "text_encoder_3":
+        model = T5Encoder(config_from_json(T5Config, d))
+    else:
+        model = CLIPTextEncoder(config_from_json(CLIPConfig, d))
+    return load_state(model, read_weights(folder, device), folder).to(device, dtype).eval()
+
+
+def has_component(model_dir, name):
+    """Whether the folder has an optional component (SD3 can run without text_encoder_3)."""
+    return os.path.isdir(os.path.join(model_dir, name))
+
