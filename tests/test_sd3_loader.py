@@ -9,7 +9,8 @@ import torch
 
 from conftest import TINY, oracle
 from tinyteef.safetensors import load_file, save_file
-from tinyteef.sd3.loader import (infer_mmdit_config, load_text_encoder, load_transformer, load_vae)
+from tinyteef.sd3.loader import (from_original, infer_mmdit_config, load_single_file, load_text_encoder,
+                                 load_transformer, load_vae)
 
 TINY_35 = {**TINY, "qk_norm": "rms_norm", "dual_attention_layers": (0,)}
 # without qk-norm the head size cannot be read from shapes: the loader assumes SD3's 64
@@ -134,3 +135,51 @@ def test_errors_say_what_is_wrong(tmp_path):
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(ValueError, match="truncated"):
         load_transformer(tmp_path)
+
+
+def original_layout(D=16, heads=2, layers=3, C=4, p=2, joint=12, pooled=10, P=12, qk_norm=True, dual=(0,)):
+    """A random MMDiT state dict in Stability's original single-file layout, names and shapes as
+    their sd3.5 reference code (mmditx.py) defines them, written out here by hand."""
+    g = torch.Generator().manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, generator=g)
+    s = {"pos_embed": r(1, P * P, D), "x_embedder.proj.weight": r(D, C, p, p), "x_embedder.proj.bias": r(D),
+         "t_embedder.mlp.0.weight": r(D, 256), "t_embedder.mlp.0.bias": r(D), "t_embedder.mlp.2.weight": r(D, D),
+         "t_embedder.mlp.2.bias": r(D), "y_embedder.mlp.0.weight": r(D, pooled), "y_embedder.mlp.0.bias": r(D),
+         "y_embedder.mlp.2.weight": r(D, D), "y_embedder.mlp.2.bias": r(D), "context_embedder.weight": r(D, joint),
+         "context_embedder.bias": r(D), "final_layer.linear.weight": r(p * p * C, D),
+         "final_layer.linear.bias": r(p * p * C), "final_layer.adaLN_modulation.1.weight": r(2 * D, D),
+         "final_layer.adaLN_modulation.1.bias": r(2 * D)}
+    for i in range(layers):
+        last = i == layers - 1
+        for block in ("x_block", "context_block"):
+            b = f"joint_blocks.{i}.{block}."
+            attns = ["attn", "attn2"] if block == "x_block" and i in dual else ["attn"]
+            for a in attns:
+                s[b + f"{a}.qkv.weight"], s[b + f"{a}.qkv.bias"] = r(3 * D, D), r(3 * D)
+                if not (block == "context_block" and last):
+                    s[b + f"{a}.proj.weight"], s[b + f"{a}.proj.bias"] = r(D, D), r(D)
+                if qk_norm:
+                    s[b + f"{a}.ln_q.weight"], s[b + f"{a}.ln_k.weight"] = r(D // heads), r(D // heads)
+            n = 2 if block == "context_block" and last else (9 if attns == ["attn", "attn2"] else 6)
+            s[b + "adaLN_modulation.1.weight"], s[b + "adaLN_modulation.1.bias"] = r(n * D, D), r(n * D)
+            if not (block == "context_block" and last):
+                s[b + "mlp.fc1.weight"], s[b + "mlp.fc1.bias"] = r(4 * D, D), r(4 * D)
+                s[b + "mlp.fc2.weight"], s[b + "mlp.fc2.bias"] = r(D, 4 * D), r(D)
+    return {"model.diffusion_model." + k: v for k, v in s.items()}
+
+
+# without qk-norm the loader infers SD3's head size 64, so that variant is 64 wide with one head
+@pytest.mark.parametrize("D,heads,qk_norm,dual", [(64, 1, False, ()), (16, 2, True, (0,))], ids=["sd3", "sd35"])
+def test_single_file_mapping_equals_diffusers_conversion(tmp_path, D, heads, qk_norm, dual):
+    oracle("diffusers")
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+    original = original_layout(D=D, heads=heads, qk_norm=qk_norm, dual=dual)
+    expected = convert_sd3_transformer_checkpoint_to_diffusers(dict(original))
+    got = from_original(original)
+    assert sorted(got) == sorted(expected)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    # the same from a file that also holds other models' tensors, as Stability's files do
+    save_file({**original, "text_encoders.clip_l.x": torch.zeros(1)}, tmp_path / "sd3.safetensors")
+    model = load_single_file(tmp_path / "sd3.safetensors")
+    assert model.config.qk_norm == ("rms_norm" if qk_norm else None) and model.config.dual_attention_layers == dual
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())

@@ -13,9 +13,11 @@ import math
 import os
 from dataclasses import fields
 
+import torch
+
 from ..guidance import DistillCFG
 from ..mmdit import MMDiT, MMDiTConfig
-from ..safetensors import load_sharded
+from ..safetensors import load_file, load_sharded, read_header
 from .clip import CLIPConfig, CLIPTextEncoder
 from .t5 import T5Config, T5Encoder
 from .vae import VAE, VAEConfig
@@ -141,3 +143,68 @@ def has_component(model_dir, name):
     """Whether the folder has an optional component (SD3 can run without text_encoder_3)."""
     return os.path.isdir(os.path.join(model_dir, name))
 
+
+
+ORIGINAL_PREFIX = "model.diffusion_model."
+
+
+def _swap_halves(w):
+    """Stability's final adaLN chunks are (shift, scale); diffusers' (and ours) are (scale, shift)."""
+    shift, scale = w.chunk(2, dim=0)
+    return torch.cat([scale, shift], dim=0)
+
+
+def from_original(state):
+    """Map an MMDiT state dict of Stability's original single-file layout (`model.diffusion_model.*`,
+    fused qkv) onto our (diffusers') names, as SD3.md §3 lists them."""
+    s = {k[len(ORIGINAL_PREFIX):] if k.startswith(ORIGINAL_PREFIX) else k: v for k, v in state.items()}
+    out = {"pos_embed.pos_embed": s["pos_embed"], "context_embedder.weight": s["context_embedder.weight"],
+           "context_embedder.bias": s["context_embedder.bias"]}
+    rename = {"x_embedder.proj": "pos_embed.proj", "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+              "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
+              "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
+              "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2", "final_layer.linear": "proj_out"}
+    for old, new in rename.items():
+        for p in ("weight", "bias"):
+            out[f"{new}.{p}"] = s[f"{old}.{p}"]
+    for p in ("weight", "bias"):
+        out[f"norm_out.linear.{p}"] = _swap_halves(s[f"final_layer.adaLN_modulation.1.{p}"])
+    blocks = sorted({int(k.split(".")[1]) for k in s if k.startswith("joint_blocks.")})
+    for i in blocks:
+        src, dst = f"joint_blocks.{i}.", f"transformer_blocks.{i}."
+        last = f"{src}context_block.attn.proj.weight" not in s  # context_pre_only: no text output
+        streams = {"x_block.attn": ("attn.to_{}", "attn.to_out.0", "attn.norm_{}"),
+                   "context_block.attn": ("attn.add_{}_proj", None if last else "attn.to_add_out",
+                                          "attn.norm_added_{}"),
+                   "x_block.attn2": ("attn2.to_{}", "attn2.to_out.0", "attn2.norm_{}")}
+        for name, (qkv, proj, norm) in streams.items():
+            if f"{src}{name}.qkv.weight" not in s:
+                continue  # attn2 only in MMDiT-X blocks
+            for p in ("weight", "bias"):
+                for part, tensor in zip("qkv", s[f"{src}{name}.qkv.{p}"].chunk(3, dim=0)):
+                    out[f"{dst}{qkv.format(part)}.{p}"] = tensor
+                if proj is not None:
+                    out[f"{dst}{proj}.{p}"] = s[f"{src}{name}.proj.{p}"]
+            for qk in "qk":
+                if f"{src}{name}.ln_{qk}.weight" in s:
+                    out[f"{dst}{norm.format(qk)}.weight"] = s[f"{src}{name}.ln_{qk}.weight"]
+        for p in ("weight", "bias"):
+            out[f"{dst}norm1.linear.{p}"] = s[f"{src}x_block.adaLN_modulation.1.{p}"]
+            ctx = s[f"{src}context_block.adaLN_modulation.1.{p}"]
+            out[f"{dst}norm1_context.linear.{p}"] = _swap_halves(ctx) if last else ctx
+            for block, ff in (("x_block", "ff"), ("context_block", "ff_context")):
+                if f"{src}{block}.mlp.fc1.{p}" in s:
+                    out[f"{dst}{ff}.net.0.proj.{p}"] = s[f"{src}{block}.mlp.fc1.{p}"]
+                    out[f"{dst}{ff}.net.2.{p}"] = s[f"{src}{block}.mlp.fc2.{p}"]
+    return out
+
+
+def load_single_file(path, device="cpu", dtype=None):
+    """An MMDiT from one .safetensors file in Stability's original layout (e.g. sd3_medium.safetensors;
+    only the model.diffusion_model.* tensors are read). The config is inferred from the shapes."""
+    keys = [k for k in read_header(path)[0] if k.startswith(ORIGINAL_PREFIX)]
+    if not keys:
+        raise ValueError(f"{path} has no {ORIGINAL_PREFIX}* tensors: not an original-layout SD3 checkpoint "
+                         "(for a diffusers folder use load_transformer)")
+    state = from_original(load_file(path, device, keys=keys))
+    return load_state(MMDiT(infer_mmdit_config(state)), state, path).to(device, dtype)
