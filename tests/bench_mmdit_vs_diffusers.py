@@ -1,0 +1,66 @@
+"""Benchmark (not a test): our MMDiT against diffusers' SD3Transformer2DModel, same weights, same GPU,
+same process. Forward time at SD3-medium size, bf16, 1024 x 1024 (128 x 128 latents), 333 text tokens.
+
+    python tests/bench_mmdit_vs_diffusers.py --batch 1 4
+
+diffusers is a test-only reference here, as everywhere in this project.
+"""
+
+import argparse
+import time
+
+import torch
+
+from tinyteef.mmdit import MMDiT, MMDiTConfig
+
+
+def timed(fn, repeats):
+    """Median seconds of fn() over `repeats` calls, after two warm-up calls."""
+    fn(), fn()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--latent", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=10)
+    args = p.parse_args()
+    from diffusers import SD3Transformer2DModel
+    cfg = MMDiTConfig()  # SD3-medium
+    with torch.device("cuda"):
+        ref = SD3Transformer2DModel(sample_size=128, patch_size=2, in_channels=16, num_layers=24,
+                                    attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                                    caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+                                    pos_embed_max_size=192).to(torch.bfloat16).eval()
+        ours = MMDiT(cfg).to(torch.bfloat16).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    print(f"GPU: {torch.cuda.get_device_name()}; SD3-medium MMDiT, "
+          f"{sum(q.numel() for q in ours.parameters()) / 1e9:.2f} B parameters, bf16, latent {args.latent}^2, 333 text tokens")
+    print("| batch | diffusers ms | ours ms | diffusers / ours | ours TFLOP/s | max abs diff |")
+    print("|---|---|---|---|---|---|")
+    for B in args.batch:
+        g = torch.Generator("cuda").manual_seed(0)
+        x = torch.randn(B, 16, args.latent, args.latent, device="cuda", generator=g, dtype=torch.bfloat16)
+        tokens = torch.randn(B, 333, 4096, device="cuda", generator=g, dtype=torch.bfloat16)
+        pooled = torch.randn(B, 2048, device="cuda", generator=g, dtype=torch.bfloat16)
+        t = torch.rand(B, device="cuda", generator=g)
+        with torch.no_grad():
+            f_ref = lambda: ref(hidden_states=x, encoder_hidden_states=tokens, pooled_projections=pooled,
+                                timestep=1000 * t).sample
+            f_ours = lambda: ours(x, t, tokens, pooled)
+            diff = (f_ref().float() - f_ours().float()).abs().max().item()
+            t_ref, t_ours = timed(f_ref, args.repeats), timed(f_ours, args.repeats)
+        tflops = ours.flops_per_forward(B, args.latent, args.latent, 333) / t_ours / 1e12
+        print(f"| {B} | {1000 * t_ref:.1f} | {1000 * t_ours:.1f} | {t_ref / t_ours:.3f} | {tflops:.0f} | {diff:.3g} |")
+
+
+if __name__ == "__main__":
+    main()
