@@ -1,0 +1,100 @@
+"""Sample an image from an SD3 model folder with any of the paper's samplers.
+
+    python -m tinyteef.sd3.sample --model DIR --prompt "a cat" --sampler cfg --w 5 --out cat.png
+    python -m tinyteef.sd3.sample --model STUDENT_DIR --prompt "a cat" --sampler teefusion --w 5
+    python -m tinyteef.sd3.sample --model DIR --weak-model WEAK_DIR --sampler w2sd --prompt "a cat"
+
+--w is the paper's guidance weight (diffusers' guidance_scale minus 1). The model runs in bf16 on a
+GPU and in float32 on the CPU; the latent and the Euler updates stay float32, on SD3's time grid
+(diffusers' FlowMatchEulerDiscreteScheduler, shift 3).
+"""
+
+import argparse
+import os
+
+import torch
+from torchvision.utils import save_image
+
+from .. import samplers
+from ..flow import shift, time_grid
+from ..guidance import TEEFUSION_DIVISOR, Student
+from .loader import load_transformer, load_vae
+from .prompt import TextEncoders
+
+SAMPLERS = ("euler", "cfg", "naive", "zsampling", "w2sd", "teefusion")
+SD3_T_MIN = 1e-3  # the scheduler's smallest unshifted time: 1 / num_train_timesteps
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="SD3 folder in the diffusers layout (a teacher or a student)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--sampler", choices=SAMPLERS, default="cfg",
+                   help="euler (no guidance), cfg, naive (Eq. 5), zsampling, w2sd (teachers); "
+                        "teefusion (a distilled student, one pass per step)")
+    p.add_argument("--w", type=float, default=5.0, help="guidance weight, paper's convention (default 5)")
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--shift", type=float, default=3.0, help="time shift of the grid (SD3: 3)")
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weak-model", default=None,
+                   help="W2SD's weak model: a folder with a weaker transformer of the same architecture")
+    p.add_argument("--teefusion-divisor", type=float, default=TEEFUSION_DIVISOR,
+                   help="divisor of the Eq. 7 term (the authors' released student: 256)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="sample.png", help="output PNG")
+    args = p.parse_args(argv)
+    if args.sampler == "w2sd" and args.weak_model is None:
+        p.error("--sampler w2sd needs --weak-model DIR: a weaker model of the same architecture that inverts "
+                "each step (Eq. 3), e.g. an earlier or less trained checkpoint; or use --sampler zsampling, "
+                "which reflects with the model itself")
+    if args.height % 16 or args.width % 16:
+        p.error(f"--height and --width must be multiples of 16 (got {args.height}x{args.width})")
+    for flag, folder in (("--model", args.model), ("--weak-model", args.weak_model)):
+        if folder is not None and not os.path.isdir(folder):
+            p.error(f"{flag} {folder}: no such folder")
+    return args
+
+
+def run(model, x, ts, c, u, args, weak=None):
+    """One sampler of SAMPLERS on the latent x. Returns samplers.Samples."""
+    w = args.w
+    if args.sampler == "euler":
+        return samplers.euler(model, x, ts, c, progress=True)
+    if args.sampler == "cfg":
+        return samplers.euler_cfg(model, x, ts, c, u, w, progress=True)
+    if args.sampler == "naive":
+        return samplers.naive(model, x, ts, c, u, w, progress=True)
+    if args.sampler == "zsampling":
+        return samplers.z_sampling(model, x, ts, c, u, w, progress=True)
+    if args.sampler == "w2sd":
+        return samplers.w2sd(model, weak, x, ts, c, u, w, progress=True)
+    return samplers.student(Student(model, divisor=args.teefusion_divisor), x, ts, c, u, w, progress=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    encoders = TextEncoders.load(args.model, device, dtype)
+    c, u = encoders([args.prompt]), encoders([""])
+    del encoders  # the text encoders are not needed any more (T5-XXL alone is 9 GB in bf16)
+    model, _ = load_transformer(args.model, device, dtype)
+    weak = load_transformer(args.weak_model, device, dtype)[0] if args.sampler == "w2sd" else None
+    g = torch.Generator(device).manual_seed(args.seed)
+    x = torch.randn(1, model.config.in_channels, args.height // 8, args.width // 8, generator=g, device=device)
+    ts = time_grid(args.steps, args.shift, u_last=shift(SD3_T_MIN, args.shift)).to(device)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        s = run(model, x, ts, c, u, args, weak)
+    del model, weak
+    vae = load_vae(args.model, device, torch.float32)
+    with torch.no_grad():
+        image = vae.decode(s.x.float())  # (1, 3, H, W) in [-1, 1]
+    save_image((image.clamp(-1, 1) + 1) / 2, args.out)
+    print(f"{args.sampler}: {s.passes / s.steps:g} forward passes per step ({s.skipped / s.steps:g} skipped); "
+          f"image written to {os.path.abspath(args.out)}")
+
+
+if __name__ == "__main__":
+    main()
