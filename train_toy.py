@@ -24,7 +24,6 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F_
@@ -38,56 +37,9 @@ from tinyteef.mmdit import MMDiT, MMDiTConfig
 from toy import data as toydata
 from toy.evaluator import Evaluator, train_evaluator
 from toy.report import save_grid, save_w_grid, write_report
+from toy.presets import PRESETS
 from toy.scoring import Scorer, autocast, spread
 from toy.text import PromptBank, TextEncoder, Tokenizer
-
-
-@dataclass
-class Preset:
-    limit: tuple | None  # (train, test) images kept, None = all
-    eval_steps: int  # evaluator training steps
-    width: int  # MMDiT hidden size (heads of 64, or of width / 2 below 128)
-    layers: int
-    text_width: int
-    text_layers: int
-    teacher_steps: int
-    batch: int
-    lr: float
-    sample_steps: int  # Euler steps N of every sampler, and the student's grid in Alg. 1
-    n_eval: int  # images per scored method
-    distill_steps: int
-    distill_batch: int
-    distill_lr: float
-    sweep: tuple  # w values of the sweep; the paper's range [2, 14]
-    save_every: int  # steps between resumable checkpoints
-    time_batch: int  # batch size at which ms / image is measured
-    text_len: int = 16
-    w: float = 5.0  # the table's w: the paper's best (Fig. 5a)
-    w_min: float = 2.0  # Alg. 1's w ~ U[w_min, w_max], the paper's range
-    w_max: float = 14.0
-    drop: float = 0.1  # empty-prompt rate while training the teacher (CFG needs v(∅))
-    # Eq. 7's term is divided by this: 1 is the paper's equation; the authors' SD3 code uses 256
-    # (TEEFUSION_DIVISOR), which leaves the term about 1e-4 of z in a model this small (README)
-    teefusion_divisor: float = 1.0
-    ema: float = 0.999
-
-
-PRESETS = {
-    # every stage, tiny, on a CPU in about a minute (CI runs it)
-    "smoke": Preset(limit=(1000, 200), eval_steps=40, width=64, layers=2, text_width=32, text_layers=1,
-                    teacher_steps=120, batch=32, lr=1e-3, sample_steps=4, n_eval=64, distill_steps=20,
-                    distill_batch=16, distill_lr=1e-4, sweep=(2.0, 8.0, 14.0), save_every=50, time_batch=32),
-    # a first look on a GPU in a few minutes
-    "quick": Preset(limit=None, eval_steps=800, width=256, layers=4, text_width=128, text_layers=2,
-                    teacher_steps=1500, batch=256, lr=3e-4, sample_steps=16, n_eval=500, distill_steps=200,
-                    distill_batch=128, distill_lr=1e-4, sweep=(2.0, 5.0, 8.0, 11.0, 14.0), save_every=500,
-                    time_batch=500),
-    # the README's figures: about 10 minutes on one H100
-    "full": Preset(limit=None, eval_steps=1500, width=256, layers=6, text_width=128, text_layers=2,
-                   teacher_steps=3500, batch=256, lr=3e-4, sample_steps=32, n_eval=2000, distill_steps=500,
-                   distill_batch=128, distill_lr=1e-4, sweep=(2.0, 4.0, 6.0, 8.0, 11.0, 14.0), save_every=250,
-                   time_batch=500),
-}
 
 
 def parse_args(argv=None):
