@@ -71,3 +71,45 @@ def test_euler_cfg_image_equals_diffusers_pipeline(tiny_sd3):
         image = vae.decode(got)
         ref = pipe.vae.decode(expected / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor).sample
     assert (image - ref).abs().max() < 1e-4
+
+
+def test_authors_student_loop_equals_our_teefusion_sampler(tiny_sd3):
+    """The authors' TeEFusion pipeline (AIDC-AI/TeEFusion, pipelines/sd3_teefusion_pipeline.py),
+    written out on diffusers' modules: per step, temb gets G(psi(1000 w)) * F(pooled_c - pooled_∅) / 256,
+    the attention sees the prompt's tokens only, and diffusers' scheduler takes the Euler step.
+    Our `student` sampler on the same folder and latent must land on the same latent."""
+    import torch
+    from conftest import oracle
+    from tinyteef import samplers
+    from tinyteef.flow import shift, time_grid
+    from tinyteef.guidance import Student
+    from tinyteef.sd3.loader import load_transformer
+    from tinyteef.sd3.prompt import TextEncoders
+    from tinyteef.sd3.sample import SD3_T_MIN
+    diffusers = oracle("diffusers")
+    pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(tiny_sd3)
+    w, steps = 5.0, 5
+    latents = torch.randn(1, 16, 6, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        c_tok, _, c_pool, u_pool = pipe.encode_prompt(prompt="a red cat", prompt_2=None, prompt_3=None,
+                                                      device="cpu", do_classifier_free_guidance=True,
+                                                      negative_prompt="")
+        tr, sched = pipe.transformer, pipe.scheduler
+        sched.set_timesteps(steps)
+        x = latents.clone()
+        for t in sched.timesteps:
+            tte = tr.time_text_embed
+            temb = tte(t.reshape(1), c_pool) + tte.timestep_embedder(
+                tte.time_proj(torch.tensor([w]) * 1000.0)) * tte.text_embedder(c_pool - u_pool) / 256.0
+            h, ctx = tr.pos_embed(x), tr.context_embedder(c_tok)
+            for block in tr.transformer_blocks:
+                ctx, h = block(hidden_states=h, encoder_hidden_states=ctx, temb=temb)
+            h = tr.proj_out(tr.norm_out(h, temb)).reshape(1, 3, 2, 2, 2, 16)
+            v = torch.einsum("nhwpqc->nchpwq", h).reshape(1, 16, 6, 4)
+            x = sched.step(v, t, x).prev_sample
+    enc = TextEncoders.load(tiny_sd3)
+    model, _ = load_transformer(tiny_sd3)
+    ts = time_grid(steps, 3.0, u_last=shift(SD3_T_MIN, 3.0))
+    got = samplers.student(Student(model), latents, ts, enc(["a red cat"]), enc([""]), w)
+    assert got.passes == steps
+    assert x.abs().mean() > 0.1 and (got.x - x).abs().max() < 1e-4
