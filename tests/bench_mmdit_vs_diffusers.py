@@ -14,17 +14,20 @@ import torch
 from tinyteef.mmdit import MMDiT, MMDiTConfig
 
 
-def timed(fn, repeats):
-    """Median seconds of fn() over `repeats` calls, after two warm-up calls."""
-    fn(), fn()
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+def timed_pair(f_a, f_b, repeats):
+    """Median seconds of f_a() and of f_b(), interleaved (a b, b a, a b, ...) after warm-up calls,
+    so that clock or thermal drift during the measurement does not favour the one timed first."""
+    for f in (f_a, f_b, f_a, f_b):
+        f()
+    times = {f_a: [], f_b: []}
+    for i in range(repeats):
+        for f in ((f_a, f_b) if i % 2 == 0 else (f_b, f_a)):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            f()
+            torch.cuda.synchronize()
+            times[f].append(time.perf_counter() - start)
+    return [sorted(times[f])[repeats // 2] for f in (f_a, f_b)]
 
 
 def main():
@@ -57,7 +60,7 @@ def main():
                                 timestep=1000 * t).sample
             f_ours = lambda: ours(x, t, tokens, pooled)
             diff = (f_ref().float() - f_ours().float()).abs().max().item()
-            t_ref, t_ours = timed(f_ref, args.repeats), timed(f_ours, args.repeats)
+            t_ref, t_ours = timed_pair(f_ref, f_ours, args.repeats)
         tflops = ours.flops_per_forward(B, args.latent, args.latent, 333) / t_ours / 1e12
         print(f"| {B} | {1000 * t_ref:.1f} | {1000 * t_ours:.1f} | {t_ref / t_ours:.3f} | {tflops:.0f} | {diff:.3g} |")
 
