@@ -276,7 +276,6 @@ def main(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda, but torch sees no GPU; use --device cpu (and --preset smoke)")
     out = args.out or os.path.join("runs", f"toy-{args.data}-{args.preset}")
-    os.makedirs(out, exist_ok=True)
     run = {"data": args.data, "preset": dataclasses.asdict(P), "seed": args.seed}
     cfg_path = os.path.join(out, "config.json")
     if os.path.exists(cfg_path):
@@ -284,9 +283,6 @@ def main(argv=None):
             if json.load(f) != json.loads(json.dumps(run)):
                 raise SystemExit(f"error: {out} holds a run with another --data, --preset or --seed; "
                                  "use another --out or delete that folder")
-    else:
-        with open(cfg_path, "w") as f:
-            json.dump(run, f, indent=1)
     torch.manual_seed(args.seed)
     started = time.time()
 
@@ -294,6 +290,9 @@ def main(argv=None):
         data = toydata.load(args.data, root=args.data_root, seed=args.seed, limit=P.limit)
     except (RuntimeError, ValueError) as e:
         raise SystemExit(f"error: {e}")
+    os.makedirs(out, exist_ok=True)  # only once the data is there: a failed start leaves nothing behind
+    with open(cfg_path, "w") as f:
+        json.dump(run, f, indent=1)
     evaluator, ev = stage_evaluator(data, P, device, out, args.seed)
     teacher, weak, text, tokenizer, _ = stage_teacher(data, P, device, out, args.seed)
     bank = PromptBank(data, tokenizer, device)
