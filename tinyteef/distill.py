@@ -10,8 +10,8 @@
       optimizer step                                                   (line 14)
 
 `distill_step` is the loop body up to the backward pass; the update (line 14) is the caller's, so a
-training script can accumulate gradients over several calls. Both train_toy.py and train_sd3.py
-call it. Several students may share one teacher target (the toy trains TeEFusion, DistillCFG and the
+training script can accumulate gradients over several calls. train_toy.py calls it, and train_sd3.py
+will. Several students may share one teacher target (the toy trains TeEFusion, DistillCFG and the
 G(psi(w)) ablation on the same W2SD+CFG targets).
 """
 

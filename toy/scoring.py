@@ -1,11 +1,10 @@
 """Scoring a sampler in the toy world: the same prompts and noises for every method, prompt
 accuracy and Fréchet distance from the evaluator, and wall time per image at a fixed batch."""
 
-import time
-
 import torch
 from tqdm.auto import tqdm
 
+from tinyteef.bench import timed
 from tinyteef.flow import time_grid
 from tinyteef.guidance import Text
 
@@ -53,20 +52,14 @@ class Scorer:
 
     def ms_per_image(self, method, repeats=3):
         """Wall time of a batch of `time_batch` images, per image: the median of `repeats` timed
-        batches after a warm-up batch."""
+        batches after a warm-up batch (bench.timed)."""
         B = min(self.P.time_batch, self.P.n_eval)
         c = Text(self.c.tokens[:B], self.c.pooled[:B])
-        times = []
-        for _ in range(repeats + 1):
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
+
+        def one_batch():
             with autocast(self.device):
-                method(self.noise[:B], self.ts, c, self.u.expand(B))
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        return 1000 * sorted(times[1:])[repeats // 2] / B
+                return method(self.noise[:B], self.ts, c, self.u.expand(B))
+        return 1000 * timed(one_batch, self.device, repeats)[0] / B
 
     def score(self, method, n=None, timing=True):
         x, s = self.generate(method, n)
