@@ -209,8 +209,7 @@ def stage_students(data, P, device, out, seed, teacher, weak, text, bank, kind):
         students.append(Student(copy.deepcopy(teacher).requires_grad_(True).train(), student_kind, H,
                                 P.teefusion_divisor if divisor is None else divisor))
     path, partial = os.path.join(out, f"students_{kind}.pt"), os.path.join(out, f"students_{kind}.partial.pt")
-    params = lambda s: [*s.model.parameters(), *(s.H.parameters() if s.H is not None else [])]
-    opts = [torch.optim.AdamW(params(s), lr=P.distill_lr, weight_decay=0.0) for s in students]
+    opts = [torch.optim.AdamW(s.parameters(), lr=P.distill_lr, weight_decay=0.0) for s in students]
     if not os.path.exists(path):
         cfg = DistillConfig(teacher=kind, w_min=P.w_min, w_max=P.w_max, w_weak=None,
                             sample_steps=P.sample_steps, shift=1.0)

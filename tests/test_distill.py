@@ -128,7 +128,7 @@ def test_teefusion_student_learns_cfg_at_held_out_w():
 
     def error(model):
         with torch.no_grad():
-            return (Student(model).velocity(x_t, t, c, empty.expand(M), w) - target).square().mean().item()
+            return (Student(model)(x_t, t, c, empty.expand(M), w) - target).square().mean().item()
 
     student = copy.deepcopy(teacher).requires_grad_(True)
     before = error(student)

@@ -86,7 +86,7 @@ def test_eq7_equals_the_authors_formula():
             ctx, h = block(hidden_states=h, encoder_hidden_states=ctx, temb=temb)
         h = ref.proj_out(ref.norm_out(h, temb)).reshape(3, 4, 4, 2, 2, 4)
         v_authors = torch.einsum("nhwpqc->nchpwq", h).reshape(3, 4, 8, 8)
-        v_ours = Student(ours).velocity(x, t, c, u, w)
+        v_ours = Student(ours)(x, t, c, u, w)
     assert (v_ours - v_authors).abs().max() < 1e-5
     assert (v_ours - ours(x, t, c.tokens, c.pooled)).abs().max() > 1e-3  # the term changes the output
 
@@ -108,7 +108,7 @@ def test_distillcfg_starts_as_the_teacher():
     u = Text(torch.zeros(2, 5, 12), torch.zeros(2, 10))
     with torch.no_grad():
         assert H(torch.tensor([2.0, 14.0])).eq(0).all()  # zero-initialised last layer
-        assert torch.equal(Student(model, "distillcfg", H).velocity(x, t, c, u, 7.0),
+        assert torch.equal(Student(model, "distillcfg", H)(x, t, c, u, 7.0),
                            model(x, t, c.tokens, c.pooled))
     with torch.no_grad():  # once trained, H(psi(1000 w)) depends on w
         H.linear_2.weight.normal_()

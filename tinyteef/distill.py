@@ -94,8 +94,9 @@ def teacher_target(teacher, x_t, t, w, c: Text, u: Text, cfg: DistillConfig, wea
 
 def student_loss(student: Student, x_t, t, w, c: Text, u: Text, target):
     """Alg. 1 lines 12-13: the student's one-pass velocity with z^ (Eq. 7, or a baseline's term)
-    against the teacher's target, mean squared error in float32."""
-    return F_.mse_loss(student.velocity(x_t, t, c, u, w).float(), target.float())
+    against the teacher's target, mean squared error in float32. `student` may be a DDP wrapper of
+    a guidance.Student: the call runs its forward, term included."""
+    return F_.mse_loss(student(x_t, t, c, u, w).float(), target.float())
 
 
 def distill_step(students, teacher, x0, c: Text, u: Text, cfg: DistillConfig, weak=None,
@@ -104,7 +105,7 @@ def distill_step(students, teacher, x0, c: Text, u: Text, cfg: DistillConfig, we
     teacher's target once, and for each student compute its loss and back-propagate
     loss * loss_scale (1 / accumulation steps). The optimizer update is the caller's.
 
-    students: a list of guidance.Student; x0 (B, C, H, W); c the batch's prompts, u the empty prompt (any
+    students: a list of guidance.Student (or DDP wrappers of them); x0 (B, C, H, W); c the batch's prompts, u the empty prompt (any
     batch size that broadcasts, e.g. 1). Returns the unscaled losses, one float per student.
     """
     B = x0.shape[0]

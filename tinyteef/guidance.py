@@ -5,8 +5,8 @@ Convention: `w` is the paper's guidance weight, v = (1 + w) v(c) - w v(∅). dif
 `guidance_scale` is w + 1 (`w_from_guidance_scale`). Every w below may be a Python number or a
 (B,) tensor (one w per sample, as Alg. 1 draws them).
 
-A "net" is anything called as net(x, t, tokens, pooled, extra=None) -> v: an MMDiT, a DDP wrapper
-of one, or the pass counter of samplers.py. The students' terms read G and F from the model itself.
+A "net" is anything called as net(x, t, tokens, pooled, extra=None) -> v: an MMDiT or the pass
+counter of samplers.py. The students' terms read G and F from the model itself.
 """
 
 from dataclasses import dataclass
@@ -117,26 +117,23 @@ class DistillCFG(MLPEmbedder):
         return super().forward(psi_scaled(w, self.linear_1.weight))
 
 
-@dataclass
-class Student:
+class Student(nn.Module):
     """A one-pass student and how the guidance weight w enters its conditioning z (METHOD §4-5).
 
     kind: "teefusion" (Eq. 7), "distillcfg" (H(psi(w)), H a new MLP, given as `H`) or
-    "gpsi_ablation" (G(psi(w)), Table 3). `divisor` scales the TeEFusion term. `net` runs the
-    forward (a DDP wrapper or a pass counter around `model`); by default the model itself.
+    "gpsi_ablation" (G(psi(w)), Table 3). `divisor` scales the TeEFusion term.
+    A module holding the model and H, so that one DDP wrapper around it sees every trained
+    parameter, those used by the term included, inside its forward.
     """
 
-    model: nn.Module
-    kind: str = "teefusion"
-    H: nn.Module | None = None
-    divisor: float = TEEFUSION_DIVISOR
-    net: object = None
-
-    def __post_init__(self):
-        if self.kind not in STUDENT_KINDS:
-            raise ValueError(f"unknown student kind {self.kind!r}; choose one of {', '.join(STUDENT_KINDS)}")
-        if self.kind == "distillcfg" and self.H is None:
+    def __init__(self, model: nn.Module, kind="teefusion", H: nn.Module | None = None,
+                 divisor=TEEFUSION_DIVISOR):
+        super().__init__()
+        if kind not in STUDENT_KINDS:
+            raise ValueError(f"unknown student kind {kind!r}; choose one of {', '.join(STUDENT_KINDS)}")
+        if kind == "distillcfg" and H is None:
             raise ValueError("a distillcfg student needs its guidance MLP H (guidance.DistillCFG)")
+        self.model, self.kind, self.H, self.divisor = model, kind, H, divisor
 
     def term(self, w, c: Text, u: Text):
         """The vector this student adds to z. (B or 1, D)."""
@@ -146,8 +143,7 @@ class Student:
             return gpsi_term(self.model, w)
         return self.H(w)
 
-    def velocity(self, x, t, c: Text, u: Text, w, extra=None):
+    def forward(self, x, t, c: Text, u: Text, w, extra=None):
         """v_S(x_t, z^(t, c, ∅, w)), one forward pass: the attention sees the conditional tokens
         only; w enters through the term added to z (`extra`, computed here unless given)."""
-        net = self.model if self.net is None else self.net
-        return net(x, t, c.tokens, c.pooled, self.term(w, c, u) if extra is None else extra)
+        return self.model(x, t, c.tokens, c.pooled, self.term(w, c, u) if extra is None else extra)
