@@ -37,3 +37,14 @@ def test_missing_and_corrupt_files(tmp_path):
     bad.write_bytes(pickle.dumps([1, 2])[:5])
     with pytest.raises(ValueError, match="delete it"):
         checkpoint.load(bad)
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """A saved file is readable by others like any file the user writes (0666 less the umask;
+    the temporary file's own mode is 0600), here under umask 022: 0644."""
+    old = os.umask(0o022)
+    try:
+        checkpoint.save({"x": torch.zeros(1)}, tmp_path / "a.pt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.pt").stat().st_mode & 0o777 == 0o644

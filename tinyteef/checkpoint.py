@@ -11,19 +11,33 @@ import tempfile
 import torch
 
 
-def save(obj, path):
-    """torch.save(obj) to `path`, atomically (temporary file + os.replace)."""
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path, write):
+    """Call write(f) on a temporary file beside `path`, then rename it into place: a reader sees
+    the old file or the whole new one, never a part. The file gets the usual permissions (0666
+    less the umask; mkstemp's own are 0600)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def save(obj, path):
+    """torch.save(obj) to `path`, atomically."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load(path, map_location="cpu"):

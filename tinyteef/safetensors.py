@@ -17,10 +17,11 @@ import json
 import math
 import mmap
 import os
-import tempfile
 from collections import Counter
 
 import torch
+
+from .checkpoint import atomic_write
 
 # The reference implementation's cap: a header this large would be a corrupt length field.
 MAX_HEADER_BYTES = 100_000_000
@@ -209,18 +210,11 @@ def save_file(tensors, path, metadata=None):
         header["__metadata__"] = metadata
     text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     text += b" " * (-len(text) % 8)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(len(text).to_bytes(8, "little") + text)
-            for name in order:
-                # reshape(-1) makes 0-d tensors viewable as bytes; contiguous() packs strided input.
-                flat = tensors[name].detach().cpu().contiguous().reshape(-1)
-                f.write(flat.view(torch.uint8).numpy().tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    def write(f):
+        f.write(len(text).to_bytes(8, "little") + text)
+        for name in order:
+            # reshape(-1) makes 0-d tensors viewable as bytes; contiguous() packs strided input.
+            flat = tensors[name].detach().cpu().contiguous().reshape(-1)
+            f.write(flat.view(torch.uint8).numpy().tobytes())
+    atomic_write(path, write)

@@ -11,18 +11,21 @@ dict loads as it is; the config comes from config.json, or for the MMDiT from th
 import json
 import math
 import os
-from dataclasses import fields
+from dataclasses import asdict, fields
 
 import torch
 
 from ..guidance import DistillCFG
 from ..mmdit import MMDiT, MMDiTConfig
-from ..safetensors import load_file, load_sharded, read_header
+from ..safetensors import load_file, load_sharded, read_header, save_file
 from .clip import CLIPConfig, CLIPTextEncoder
 from .t5 import T5Config, T5Encoder
 from .vae import VAE, VAEConfig
 
 GUIDANCE_PREFIX = "guidance_in."  # DistillCFG's H in the authors' checkpoints (METHOD §5)
+DIFFUSERS_VERSION = "0.29.0.dev0"  # the version that SD3-medium's config files record
+PIPELINE_PARTS = ("scheduler", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
+                  "tokenizer", "tokenizer_2", "tokenizer_3")  # every folder but transformer/
 
 
 def component_dir(model_dir, name):
@@ -208,3 +211,40 @@ def load_single_file(path, device="cpu", dtype=None):
                          "(for a diffusers folder use load_transformer)")
     state = from_original(load_file(path, device, keys=keys))
     return load_state(MMDiT(infer_mmdit_config(state)), state, path).to(device, dtype)
+
+
+def write_json(path, obj):
+    """Write obj as indented JSON (UTF-8, "▁" kept as it is)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+
+
+def save_component(folder, filename, config, state):
+    """A component folder: config.json and the tensors of `state` as one safetensors file."""
+    write_json(os.path.join(folder, "config.json"), config)
+    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, filename),
+              metadata={"format": "pt"})
+
+
+def save_transformer(model_dir, model, H=None, extra_config=None):
+    """Write `model_dir/transformer` in the diffusers layout, readable by load_transformer and by
+    diffusers' SD3Transformer2DModel.from_pretrained; DistillCFG's H goes under guidance_in.
+    (diffusers ignores those keys, and the keys of `extra_config`, with a warning)."""
+    state = dict(model.state_dict())
+    if H is not None:
+        state.update({GUIDANCE_PREFIX + k: v for k, v in H.state_dict().items()})
+    config = {"_class_name": "SD3Transformer2DModel", "_diffusers_version": DIFFUSERS_VERSION,
+              **asdict(model.config), **(extra_config or {})}
+    save_component(os.path.join(model_dir, "transformer"), "diffusion_pytorch_model.safetensors", config, state)
+
+
+def link_components(model_dir, source_dir):
+    """Make `model_dir` a whole SD3 folder around its transformer/: model_index.json copied and
+    every other component a symbolic link to `source_dir`'s (the teacher's) folder."""
+    with open(os.path.join(source_dir, "model_index.json")) as f:
+        write_json(os.path.join(model_dir, "model_index.json"), json.load(f))
+    for name in PIPELINE_PARTS:
+        src, dst = os.path.abspath(os.path.join(source_dir, name)), os.path.join(model_dir, name)
+        if os.path.isdir(src) and not os.path.lexists(dst):
+            os.symlink(src, dst, target_is_directory=True)

@@ -12,7 +12,6 @@ vocabularies are built here, deterministically: a byte-level BPE vocabulary with
 over a fixed list of prompt words, and a unigram vocabulary of those words.
 """
 
-import json
 import os
 import string
 from collections import Counter
@@ -21,8 +20,8 @@ from dataclasses import asdict
 import torch
 
 from ..mmdit import MMDiT, MMDiTConfig
-from ..safetensors import save_file
 from .clip import LEGACY_EOS_ID, CLIPConfig, CLIPTextEncoder
+from .loader import DIFFUSERS_VERSION, save_component, write_json
 from .t5 import T5Config, T5Encoder
 from .tokenizers import BOS, BYTE_TO_CHAR, EOS, NMT_SPACES, TILDE, bpe
 from .vae import VAE, VAEConfig
@@ -46,7 +45,6 @@ SIZES = dict(
 )
 SCALING_FACTOR, SHIFT_FACTOR = 1.5305, 0.0609  # SD3's latent scale and shift (SD3.md §4)
 T5_EXTRA_IDS = 100  # T5's sentinel tokens <extra_id_0..99>, the last ids of its vocabulary
-DIFFUSERS_VERSION = "0.29.0.dev0"  # the version that SD3-medium's config files record
 
 WORDS = """a an the of in on at with and by from to photo painting portrait drawing illustration
 cat dog bird horse astronaut robot woman man child city street forest mountain river beach ocean
@@ -91,13 +89,6 @@ def t5_vocab():
     vocab += [("▁" + w, -3.0 - i / 100) for i, w in enumerate(WORDS)]
     vocab += [(c, -8.0) for c in string.ascii_letters + string.digits + string.punctuation]
     return vocab + [(f"<extra_id_{i}>", 0.0) for i in reversed(range(T5_EXTRA_IDS))]
-
-
-def write_json(path, obj):
-    """Write obj as indented JSON (UTF-8, "▁" kept as it is)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
 
 
 def write_clip_tokenizer(folder, vocab, merges, pad_token):
@@ -148,7 +139,7 @@ def randomize(module, generator):
     1 + N(0, 0.1^2), in named_parameters order (so one seed gives one model)."""
     with torch.no_grad():
         for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=generator)
+            noise = torch.randn(p.shape, generator=generator, device=generator.device)
             if p.dim() > 1:
                 p.copy_(noise / (p[0].numel() ** 0.5))  # fan_in = inputs per output row
             else:
@@ -165,13 +156,6 @@ def random_t5(cfg, generator):
         for block in model.encoder.block:
             block.layer[0].SelfAttention.q.weight /= cfg.d_kv ** 0.5
     return model
-
-
-def save_component(folder, filename, config, module, drop=()):
-    """config.json and the module's weights (minus the names in `drop`) as one safetensors file."""
-    write_json(os.path.join(folder, "config.json"), config)
-    state = {k: v.contiguous() for k, v in module.state_dict().items() if k not in drop}
-    save_file(state, os.path.join(folder, filename), metadata={"format": "pt"})
 
 
 def write_tiny_sd3(folder, seed=0, t5=True):
@@ -212,20 +196,20 @@ def write_tiny_sd3(folder, seed=0, t5=True):
         "num_train_timesteps": 1000, "shift": 3.0})
     save_component(os.path.join(folder, "transformer"), "diffusion_pytorch_model.safetensors",
                    {"_class_name": "SD3Transformer2DModel", "_diffusers_version": DIFFUSERS_VERSION,
-                    **asdict(mmdit_cfg)}, mmdit)
+                    **asdict(mmdit_cfg)}, mmdit.state_dict())
     n = len(SIZES["vae"]["block_out_channels"])
     save_component(os.path.join(folder, "vae"), "diffusion_pytorch_model.safetensors", {
         "_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION, **asdict(vae.cfg),
         "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
         "act_fn": "silu", "sample_size": 8 * mmdit_cfg.sample_size, "latents_mean": None, "latents_std": None,
         "force_upcast": True, "use_quant_conv": False, "use_post_quant_conv": False,
-        "mid_block_add_attention": True}, vae)
+        "mid_block_add_attention": True}, vae.state_dict())
     for name, model in (("text_encoder", clip_l), ("text_encoder_2", clip_g)):
         save_component(os.path.join(folder, name), "model.safetensors", {
             "architectures": ["CLIPTextModelWithProjection"], "model_type": "clip_text_model",
             # SD3's legacy special ids (bos 0, pad 1, eos 2), which transformers does not use for CLIP
             **asdict(model.config), "bos_token_id": 0, "pad_token_id": 1,
-            "attention_dropout": 0.0, "initializer_range": 0.02, "initializer_factor": 1.0}, model)
+            "attention_dropout": 0.0, "initializer_range": 0.02, "initializer_factor": 1.0}, model.state_dict())
     write_clip_tokenizer(os.path.join(folder, "tokenizer"), vocab, merges, pad_token=EOS)
     write_clip_tokenizer(os.path.join(folder, "tokenizer_2"), vocab, merges, pad_token="!")  # id 0, as SD3's
     if t5:
@@ -234,6 +218,7 @@ def write_tiny_sd3(folder, seed=0, t5=True):
             "architectures": ["T5EncoderModel"], "model_type": "t5", **asdict(t5_cfg),
             "dense_act_fn": "gelu_new", "is_gated_act": True, "tie_word_embeddings": False,
             "is_encoder_decoder": True, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
-            "dropout_rate": 0.0, "initializer_factor": 1.0}, t5_model, drop=("encoder.embed_tokens.weight",))
+            "dropout_rate": 0.0, "initializer_factor": 1.0},
+            {k: v for k, v in t5_model.state_dict().items() if k != "encoder.embed_tokens.weight"})
         write_t5_tokenizer(os.path.join(folder, "tokenizer_3"), pieces)
     return folder

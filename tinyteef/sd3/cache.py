@@ -1,0 +1,149 @@
+"""Stage 1 of train_sd3.py: every image through the VAE and every caption through the text
+encoders, once, so that distillation runs with the encoders freed (T5-XXL alone is 9 GB in bf16).
+
+    CACHE/settings.json            what made the cache (resolution, encoder dtype, T5 length, ...)
+    CACHE/empty.safetensors        ∅: the encoding of "" (tokens (1, L, D), pooled (1, P))
+    CACHE/items/0000042.safetensors  x0 (C, h, w) model-space latent, tokens (L, D), pooled (P,)
+    CACHE/index.json               written last: which items decoded, which images were skipped
+
+A cache made with other settings is refused: latents and text embeddings from another encoder
+dtype or T5 length have produced NaN losses in other training code (SD3.md §11). Items are written
+one by one, so a stopped stage 1 resumes where it was.
+"""
+
+import json
+import os
+
+import torch
+
+from ..guidance import Text
+from ..safetensors import load_file, save_file
+from .data import load_image
+from .prompt import SD3_JOINT_DIM, SD3_T5_LENGTH
+
+CLIP_LENGTH = 77  # tokens of each CLIP encoder, before T5's in SD3's sequence
+
+
+def item_path(folder, i):
+    return os.path.join(folder, "items", f"{i:07d}.safetensors")
+
+
+def check_settings(folder, settings):
+    """Write settings.json into a new cache folder, or refuse a cache made with other settings."""
+    path = os.path.join(folder, "settings.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            made = json.load(f)
+        for k in sorted(set(made) | set(settings)):
+            if made.get(k) != settings.get(k):
+                raise ValueError(f"the cache in {folder} was made with {k} = {made.get(k)!r} but this run asks "
+                                 f"for {settings.get(k)!r}: delete {folder} to encode again, or use another --out")
+        return
+    os.makedirs(os.path.join(folder, "items"), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(settings, f, indent=1)
+
+
+def encode_items(folder, items, rows, encode_text, vae, resolution, batch_size, progress=None):
+    """Encode the items `rows` of `items` [(image path, caption)] that are not cached yet, in
+    batches: x0 = the VAE's posterior mean in model space (a deterministic cache: Alg. 1 draws
+    its own noise around it), tokens and pooled from `encode_text` (a prompt.TextEncoders).
+    Returns the image paths that could not be decoded (skipped, not cached)."""
+    device = next(vae.parameters()).device
+    todo = [i for i in rows if not os.path.isfile(item_path(folder, i))]
+    skipped = []
+    for k in range(0, len(todo), batch_size):
+        ok, images = [], []
+        for i in todo[k:k + batch_size]:
+            try:
+                images.append(load_image(items[i][0], resolution))
+                ok.append(i)
+            except (RuntimeError, OSError, ValueError) as e:
+                print(f"warning: skipping {items[i][0]}: cannot decode it ({type(e).__name__}: {e})")
+                skipped.append(items[i][0])
+        if progress is not None:
+            progress.update(len(todo[k:k + batch_size]))
+        if not ok:
+            continue
+        with torch.no_grad():
+            x0 = vae.encode(torch.stack(images).to(device, next(vae.parameters()).dtype))  # (b, C, h, w)
+            text = encode_text([items[i][1] for i in ok])  # tokens (b, L, D), pooled (b, P)
+        for j, i in enumerate(ok):
+            save_file({"x0": x0[j].float().contiguous(), "tokens": text.tokens[j].contiguous(),
+                       "pooled": text.pooled[j].contiguous()}, item_path(folder, i))
+    return skipped
+
+
+def write_empty(folder, encode_text):
+    """∅ = the encoding of "" (not zeros, SD3.md §11)."""
+    u = encode_text([""])
+    save_file({"tokens": u.tokens.contiguous(), "pooled": u.pooled.contiguous()},
+              os.path.join(folder, "empty.safetensors"))
+
+
+def write_index(folder, items, skipped):
+    """Mark the cache complete: the rows that hold an item, their captions, the skipped images."""
+    skipped = set(skipped)
+    valid = [i for i, (path, _) in enumerate(items) if path not in skipped]
+    missing = [i for i in valid if not os.path.isfile(item_path(folder, i))]
+    if missing:
+        raise RuntimeError(f"{len(missing)} cache items were not written (first: row {missing[0]})")
+    with open(os.path.join(folder, "index.json"), "w") as f:
+        json.dump({"rows": valid, "captions": [items[i][1] for i in valid], "skipped": sorted(skipped)}, f)
+
+
+def is_complete(folder):
+    return os.path.isfile(os.path.join(folder, "index.json"))
+
+
+class CachedData:
+    """The training set read back from a complete cache: row r of the data set is the r-th item
+    that decoded. get(rows) -> x0 (B, C, h, w) float32, Text(tokens (B, L, D), pooled (B, P))."""
+
+    def __init__(self, folder):
+        with open(os.path.join(folder, "index.json")) as f:
+            index = json.load(f)
+        self.folder, self.rows, self.captions, self.skipped = folder, index["rows"], index["captions"], index["skipped"]
+        if not self.rows:
+            raise ValueError(f"no image in the data folder could be decoded ({len(self.skipped)} skipped)")
+
+    def __len__(self):
+        return len(self.rows)
+
+    def get(self, rows, device):
+        items = [load_file(item_path(self.folder, self.rows[r])) for r in rows]
+        stack = lambda k: torch.stack([it[k] for it in items]).to(device)
+        return stack("x0"), Text(stack("tokens"), stack("pooled"))
+
+    def empty(self, device):
+        u = load_file(os.path.join(self.folder, "empty.safetensors"), device)
+        return Text(u["tokens"], u["pooled"])
+
+
+class SyntheticData:
+    """Random tensors in the shapes the encoders would give (for --random-init sd3-medium, which
+    builds no VAE and no text encoders): row r is drawn from a generator seeded with r, so every
+    process sees the same data set. Measures speed and memory; it teaches nothing."""
+
+    def __init__(self, size, channels, resolution, pooled_dim, joint_dim=SD3_JOINT_DIM,
+                 text_len=CLIP_LENGTH + SD3_T5_LENGTH, seed=0):
+        self.size, self.seed = size, seed
+        self.shapes = {"x0": (channels, resolution // 8, resolution // 8), "tokens": (text_len, joint_dim),
+                       "pooled": (pooled_dim,)}
+        self.captions, self.skipped = [f"random sample {r}" for r in range(size)], []
+
+    def __len__(self):
+        return self.size
+
+    def _draw(self, r, device):
+        g = torch.Generator(device).manual_seed(self.seed + r)
+        return {k: torch.randn(s, generator=g, device=device) for k, s in self.shapes.items()}
+
+    def get(self, rows, device):
+        items = [self._draw(r, device) for r in rows]
+        stack = lambda k: torch.stack([it[k] for it in items])
+        return stack("x0"), Text(stack("tokens"), stack("pooled"))
+
+    def empty(self, device):
+        u = self._draw(-1, device)
+        return Text(u["tokens"][None], u["pooled"][None])

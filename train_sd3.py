@@ -1,0 +1,360 @@
+"""Distil an SD3 teacher's guided sampler into a one-pass TeEFusion student (Alg. 1).
+
+    python train_sd3.py --model SD3_DIR --data DATA_DIR --teacher cfg --out runs/sd3
+    python train_sd3.py --model SD3_DIR --weak-model WEAK_DIR --data DATA_DIR --teacher w2sd
+    torchrun --nproc_per_node 8 train_sd3.py ...                 (the same flags, on 8 GPUs)
+    python train_sd3.py --random-init tiny --teacher zsampling --steps 20   (no download)
+    python train_sd3.py --random-init sd3-medium --teacher w2sd --steps 5   (speed and memory)
+
+DATA_DIR holds images with captions: NAME.txt beside each image, or a metadata.jsonl with
+"file_name" and "text". Stage 1 encodes every image (VAE) and caption (text encoders) once into
+OUT/cache and frees the encoders. Stage 2 is Alg. 1: the student starts as a copy of the teacher;
+each step draws t (logit-normal), w ~ U[w_min, w_max] and noise for a batch, asks the frozen teacher
+sampler (CFG, Z-Sampling or W2SD, in bf16) for its velocity target, and fits the student's one
+pass with the Eq. 7 term in z. The batch (128, as the paper) is split into micro-batches, summed
+by gradient accumulation, and over the processes by DDP.
+
+Every --save-every steps OUT/checkpoint.pt (student, optimizer, step) is written atomically, and
+OUT/student/ is the student as a diffusers-layout SD3 folder (for our sampler and diffusers).
+`--resume` continues a run exactly: every random draw of a step comes from a generator seeded by
+(--seed, step, micro-batch), so the step index is the whole random state, for any process count.
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torchvision.utils import save_image
+from tqdm.auto import tqdm
+
+from tinyteef import checkpoint, samplers
+from tinyteef.distill import REFLECTION_TARGETS, TEACHERS, DistillConfig, distill_step
+from tinyteef.flow import shift, time_grid
+from tinyteef.guidance import STUDENT_KINDS, TEEFUSION_DIVISOR, DistillCFG, Student
+from tinyteef.mmdit import MMDiT, MMDiTConfig
+from tinyteef.sd3 import cache
+from tinyteef.sd3.data import list_items
+from tinyteef.sd3.loader import link_components, load_transformer, load_vae, save_transformer
+from tinyteef.sd3.prompt import TextEncoders
+from tinyteef.sd3.sample import SD3_T_MIN
+from tinyteef.sd3.tiny import randomize, write_tiny_sd3
+
+# The flags that define a run: a --resume with any of them changed is refused.
+RUN_KEYS = ("model", "weak_model", "random_init", "data", "teacher", "student", "teefusion_divisor",
+            "resolution", "batch_size", "lr", "w_min", "w_max", "w_inv", "w_weak", "sample_steps", "shift",
+            "reflection_target", "t5_length", "synthetic_size", "seed")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument_group("models and data")
+    a.add_argument("--model", help="the teacher: an SD3 / SD3.5 folder in the diffusers layout")
+    a.add_argument("--weak-model", help="W2SD's weak model (--teacher w2sd): a folder whose transformer is a "
+                                        "weaker model of the same architecture")
+    a.add_argument("--random-init", choices=("tiny", "sd3-medium"),
+                   help="random weights instead of --model: 'tiny' writes a tiny SD3 folder (all components) "
+                        "into OUT; 'sd3-medium' builds the transformer only and trains on random tensors")
+    a.add_argument("--data", help="folder of images with captions (NAME.txt beside each, or metadata.jsonl)")
+    a.add_argument("--out", default="runs/sd3", help="output folder: cache, checkpoint, student, previews, log")
+    a.add_argument("--resolution", type=int, default=1024, help="square training size in pixels")
+    a.add_argument("--t5-length", type=int, default=256, help="T5 tokens of every prompt and of ∅ (SD3: 256)")
+    a.add_argument("--synthetic-size", type=int, default=1024, help="samples of random data (--random-init "
+                                                                   "without --data)")
+    m = p.add_argument_group("distillation (Alg. 1)")
+    m.add_argument("--teacher", required=True, choices=TEACHERS, help="the teacher's sampler to distil")
+    m.add_argument("--student", default="teefusion", choices=STUDENT_KINDS,
+                   help="how w enters z: Eq. 7 (default), DistillCFG's new MLP, or the G(psi(w)) ablation")
+    m.add_argument("--teefusion-divisor", type=float, default=TEEFUSION_DIVISOR,
+                   help="divisor of the Eq. 7 term (the authors' code: 256; the paper: 1)")
+    m.add_argument("--w-min", type=float, default=2.0)
+    m.add_argument("--w-max", type=float, default=14.0, help="w ~ U[w-min, w-max] (paper: [2, 14])")
+    m.add_argument("--w-inv", type=float, default=-1.0, help="Z-Sampling's inversion guidance")
+    m.add_argument("--w-weak", type=float, default=0.0, help="W2SD's weak-model guidance")
+    m.add_argument("--sample-steps", type=int, default=28, help="the grid the student will sample with")
+    m.add_argument("--shift", type=float, default=3.0, help="... and its time shift (SD3 at 1024 px: 3)")
+    m.add_argument("--reflection-target", default="reach", choices=REFLECTION_TARGETS)
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--steps", type=int, default=10000, help="optimizer steps (paper: loss flat after 10k)")
+    o.add_argument("--batch-size", type=int, default=128, help="samples per optimizer step, all processes")
+    o.add_argument("--micro-batch", type=int, default=4, help="samples per forward pass of one process")
+    o.add_argument("--lr", type=float, default=5e-6, help="AdamW learning rate (paper: 5e-6)")
+    o.add_argument("--no-gradient-checkpointing", action="store_true")
+    o.add_argument("--seed", type=int, default=0)
+    s = p.add_argument_group("outputs")
+    s.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (0: only at the end)")
+    s.add_argument("--preview-every", type=int, default=500, help="steps between preview grids (0: none)")
+    s.add_argument("--preview-w", type=float, default=6.0, help="w of the previews (diffusers' scale 7)")
+    s.add_argument("--preview-count", type=int, default=4, help="previews show the first captions of the data")
+    s.add_argument("--cache-batch", type=int, default=8, help="images per VAE call in stage 1")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    if args.random_init is None and (args.model is None or args.data is None):
+        p.error("give --model DIR and --data DIR (or --random-init tiny|sd3-medium to try it without downloads)")
+    if args.random_init is not None and args.model is not None:
+        p.error("--random-init replaces --model; give one of them")
+    if args.random_init == "sd3-medium" and args.data is not None:
+        p.error("--random-init sd3-medium builds no VAE or text encoders and trains on random tensors: leave out --data")
+    if args.teacher == "w2sd" and args.weak_model is None and args.random_init is None:
+        p.error("--teacher w2sd needs --weak-model DIR: W2SD reflects each step by inverting with a weak model "
+                "(Eq. 3), a weaker model of the same architecture, e.g. an earlier or less trained checkpoint "
+                "of the teacher; or use --teacher zsampling, which reflects with the teacher itself")
+    if args.resolution % 16:
+        p.error(f"--resolution must be a multiple of 16 (VAE 8x, patch 2), got {args.resolution}")
+    if args.micro_batch < 1 or args.batch_size % args.micro_batch:
+        p.error(f"--batch-size {args.batch_size} must be a multiple of --micro-batch {args.micro_batch}")
+    for flag in ("model", "weak_model", "data"):
+        v = getattr(args, flag)
+        if v is not None:
+            if not os.path.isdir(v):
+                p.error(f"--{flag.replace('_', '-')} {v}: no such folder")
+            setattr(args, flag, os.path.abspath(v))
+    return args
+
+
+def log0(rank, *msg):
+    if rank == 0:
+        print(*msg, flush=True)
+
+
+def run_config(args, out):
+    """config.json of the run in `out`: written at the start, compared on every later start."""
+    run = {k: getattr(args, k) for k in RUN_KEYS}
+    path = os.path.join(out, "config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        for k in RUN_KEYS:
+            if old.get(k) != run[k]:
+                raise SystemExit(f"error: {out} holds a run with --{k.replace('_', '-')} {old.get(k)!r}, this one "
+                                 f"asks for {run[k]!r}; use another --out, or delete {out} to start over")
+    return run
+
+
+def stage_cache(args, model_dir, rank, world, device):
+    """Stage 1: OUT/cache, built once (each process encodes its share), then read by all."""
+    folder = os.path.join(args.out, "cache")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    items = list_items(args.data)
+    settings = {"model": model_dir, "data": args.data, "images": len(items), "resolution": args.resolution,
+                "encoder_dtype": str(dtype), "t5_length": args.t5_length}
+    if rank == 0:
+        cache.check_settings(folder, settings)
+    barrier(world)
+    if not cache.is_complete(folder):
+        encoders = TextEncoders.load(model_dir, device, dtype, t5_length=args.t5_length)
+        vae = load_vae(model_dir, device, torch.float32).eval()  # fp32 VAE: SD3's config asks to upcast it
+        rows = range(rank, len(items), world)
+        with tqdm(total=len(rows), desc="stage 1: encoding", disable=rank != 0) as bar:
+            skipped = cache.encode_items(folder, items, rows, encoders, vae, args.resolution, args.cache_batch, bar)
+        if world > 1:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, skipped)
+            skipped = [s for part in gathered for s in part]
+        if rank == 0:
+            cache.write_empty(folder, encoders)
+            cache.write_index(folder, items, skipped)
+        del encoders, vae
+        barrier(world)
+    data = cache.CachedData(folder)
+    log0(rank, f"data: {len(data)} images cached in {folder}"
+               + (f", {len(data.skipped)} skipped (could not be decoded)" if data.skipped else ""))
+    return data
+
+
+def load_models(args, model_dir, device):
+    """Alg. 1 line 1: the frozen teacher (bf16 on a GPU), W2SD's weak model, and the student, a
+    float32 copy of the teacher (bf16 autocast runs its matmuls)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.random_init == "sd3-medium":
+        g = torch.Generator().manual_seed(args.seed)
+        with torch.device(device):
+            teacher = randomize(MMDiT(MMDiTConfig()), g)
+            weak = randomize(MMDiT(MMDiTConfig()), g) if args.teacher == "w2sd" else None
+    else:
+        teacher, _ = load_transformer(model_dir, device)
+        weak = load_transformer(args.weak_model, device)[0] if args.teacher == "w2sd" else None
+    model = copy.deepcopy(teacher).train().requires_grad_(True)
+    model.gradient_checkpointing = not args.no_gradient_checkpointing
+    H = DistillCFG(model.config.hidden_size).to(device) if args.student == "distillcfg" else None
+    frozen = lambda m: None if m is None else m.to(device, dtype).eval().requires_grad_(False)
+    return frozen(teacher), frozen(weak), Student(model, args.student, H, args.teefusion_divisor)
+
+
+def global_rows(seed, step, batch_size, n):
+    """The data rows of optimizer step `step`: positions step*batch .. (step+1)*batch - 1 of the
+    stream of epochs, each epoch a permutation of the n rows seeded by (seed, epoch)."""
+    positions = range(step * batch_size, (step + 1) * batch_size)
+    perms = {e: torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + e))
+             for e in {p // n for p in positions}}
+    return [perms[p // n][p % n].item() for p in positions]
+
+
+def save_student(args, student, model_dir, step):
+    """OUT/student: the student as an SD3 folder in the diffusers layout (transformer/ written, the
+    other components linked to the teacher's folder), swapped in whole."""
+    final, tmp = os.path.join(args.out, "student"), os.path.join(args.out, ".student-new")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_transformer(tmp, student.model, student.H, {"tinyteef": {
+        "student_kind": student.kind, "teefusion_divisor": student.divisor, "teacher": args.teacher, "step": step}})
+    if model_dir is not None:
+        link_components(tmp, model_dir)
+    old = os.path.join(args.out, ".student-old")
+    if os.path.isdir(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@torch.no_grad()
+def preview(args, student, teacher, weak, vae, data, device, step):
+    """OUT/previews/step_N.png: the teacher sampler (top row) and the student (bottom row) at
+    --preview-w, for the first captions of the data, from the same noise."""
+    folder = os.path.join(args.out, "previews")
+    os.makedirs(folder, exist_ok=True)
+    rows = list(range(min(args.preview_count, len(data))))
+    x0, c = data.get(rows, device)
+    u = data.empty(device).expand(len(rows))
+    x = torch.randn(x0.shape, generator=torch.Generator(device).manual_seed(args.seed), device=device)
+    ts = time_grid(args.sample_steps, args.shift, u_last=shift(SD3_T_MIN, args.shift)).to(device)
+    w = args.preview_w
+    decode = lambda z: torch.cat([(vae.decode(zi[None].float()).clamp(-1, 1) + 1) / 2 for zi in z])
+    teacher_path = os.path.join(folder, "teacher.pt")
+    if not os.path.isfile(teacher_path):
+        make = {"cfg": lambda: samplers.euler_cfg(teacher, x, ts, c, u, w),
+                "zsampling": lambda: samplers.z_sampling(teacher, x, ts, c, u, w, w_inv=args.w_inv),
+                "w2sd": lambda: samplers.w2sd(teacher, weak, x, ts, c, u, w, w_weak=args.w_weak)}[args.teacher]
+        checkpoint.save(decode(make().x).cpu(), teacher_path)
+    mine = decode(samplers.student(student, x, ts, c, u, w).x).cpu()
+    save_image(torch.cat([checkpoint.load(teacher_path), mine]), os.path.join(folder, f"step_{step:06d}.png"),
+               nrow=len(rows))
+
+
+def barrier(world):
+    if world > 1:
+        dist.barrier()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    device = torch.device(args.device)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if (args.batch_size // args.micro_batch) % world:
+        raise SystemExit(f"error: --batch-size {args.batch_size} / --micro-batch {args.micro_batch} micro-batches "
+                         f"cannot be split over {world} processes; make it a multiple of {world}")
+    out, ckpt_path = args.out, os.path.join(args.out, "checkpoint.pt")
+    run = run_config(args, out)
+    if os.path.isfile(ckpt_path) and not args.resume:
+        raise SystemExit(f"error: {out} holds a checkpoint; pass --resume to continue it, or use another --out")
+    if args.resume and not os.path.isfile(ckpt_path):
+        raise SystemExit(f"error: --resume: {out} has no checkpoint.pt to continue")
+    if rank == 0:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(run, f, indent=1)
+
+    model_dir = args.model
+    if args.random_init == "tiny":
+        model_dir = os.path.join(out, "random-init", "teacher")
+        if rank == 0 and not os.path.isdir(model_dir):
+            write_tiny_sd3(model_dir, seed=args.seed)
+            write_tiny_sd3(os.path.join(out, "random-init", "weak"), seed=args.seed + 1)
+        barrier(world)
+        args.weak_model = args.weak_model or os.path.join(out, "random-init", "weak")
+    teacher, weak, student = load_models(args, model_dir, device)
+    cfg_ = teacher.config
+    if args.data is not None:
+        try:
+            data = stage_cache(args, model_dir, rank, world, device)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+    else:
+        data = cache.SyntheticData(args.synthetic_size, cfg_.in_channels, args.resolution, cfg_.pooled_projection_dim,
+                                   cfg_.joint_attention_dim, 77 + args.t5_length, args.seed)
+    vae = load_vae(model_dir, device).eval() if rank == 0 and args.data is not None else None
+
+    cfg = DistillConfig(teacher=args.teacher, w_min=args.w_min, w_max=args.w_max, w_inv=args.w_inv,
+                        w_weak=args.w_weak, sample_steps=args.sample_steps, shift=args.shift,
+                        reflection_target=args.reflection_target)
+    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
+    start = 0
+    if args.resume:
+        state = checkpoint.load(ckpt_path, map_location=device)
+        student.load_state_dict(state["student"])
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+        log0(rank, f"resuming {out} at step {start}")
+    net = DDP(student, device_ids=[device.index] if device.type == "cuda" else None,
+              broadcast_buffers=False) if world > 1 else student
+    # Teacher passes are counted, to report model FLOPs: one pass per row, the student's three.
+    teacher_n = samplers.Counter(teacher, 1)
+    weak_n = samplers.Counter(weak, 1) if weak is not None else None
+    h = args.resolution // 8
+    flops_row = teacher.flops_per_forward(1, h, h, 77 + args.t5_length)
+    A, mb = args.batch_size // args.micro_batch, args.micro_batch  # micro-batches per step, all processes
+    accum = A // world
+    u_all = data.empty(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    log_file = open(os.path.join(out, "log.jsonl"), "a") if rank == 0 else None
+    bar = tqdm(range(start, args.steps), desc="stage 2: distilling", initial=start, total=args.steps,
+               disable=rank != 0)
+    for step in bar:
+        t0, rows0 = time.perf_counter(), teacher_n.rows + (weak_n.rows if weak_n else 0)
+        rows = global_rows(args.seed, step, args.batch_size, len(data))
+        total = torch.zeros((), device=device)
+        for j in range(accum):
+            m = j * world + rank  # this process's j-th micro-batch is micro-batch m of the step
+            x0, c = data.get(rows[m * mb:(m + 1) * mb], device)
+            g = torch.Generator(device).manual_seed(args.seed * 1_000_000_007 + step * A + m)
+            sync = world == 1 or j == accum - 1  # all-reduce the gradients once, after the last micro-batch
+            with (nullcontext() if sync else net.no_sync()), autocast:
+                (loss,) = distill_step([net], teacher_n, x0, c, u_all, cfg, weak_n, g, loss_scale=1 / accum)
+            total += loss
+        if world > 1:
+            dist.all_reduce(total)
+        loss = total.item() / A
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), math.inf).item()
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise SystemExit(f"error: non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}; "
+                             f"stopped before the update, the last good checkpoint in {out} is kept")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        teacher_rows = (teacher_n.rows + (weak_n.rows if weak_n else 0) - rows0) * world
+        rec = {"step": step + 1, "loss": loss, "grad_norm": grad_norm, "lr": args.lr, "s_per_step": dt,
+               "samples_per_s": args.batch_size / dt,
+               "model_tflops": (teacher_rows + 3 * args.batch_size) * flops_row / dt / 1e12}
+        if device.type == "cuda":
+            rec["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        bar.set_postfix(loss=f"{loss:.4f}", lr=args.lr, samples_per_s=f"{rec['samples_per_s']:.2f}")
+        if rank == 0:
+            log_file.write(json.dumps(rec) + "\n")
+            log_file.flush()
+            done = step + 1
+            if (args.save_every and done % args.save_every == 0) or done == args.steps:
+                checkpoint.save({"student": student.state_dict(), "optimizer": opt.state_dict(), "step": done,
+                                 "config": run}, ckpt_path)
+                save_student(args, student, model_dir, done)
+            if vae is not None and args.preview_every and done % args.preview_every == 0:
+                with autocast:
+                    preview(args, student, teacher, weak, vae, data, device, done)
+    if world > 1:
+        dist.destroy_process_group()
+    log0(rank, f"done: checkpoint, student and log in {os.path.abspath(out)}")
+
+
+if __name__ == "__main__":
+    main()
