@@ -22,6 +22,7 @@ OUT/student/ is the student as a diffusers-layout SD3 folder (for our sampler an
 
 import argparse
 import copy
+import inspect
 import json
 import math
 import os
@@ -89,7 +90,7 @@ def parse_args(argv=None):
     o.add_argument("--no-gradient-checkpointing", action="store_true")
     o.add_argument("--seed", type=int, default=0)
     s = p.add_argument_group("outputs")
-    s.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (0: only at the end)")
+    s.add_argument("--save-every", type=int, default=500, help="steps between checkpoints, one also at the end (0: none, for benchmarks)")
     s.add_argument("--preview-every", type=int, default=500, help="steps between preview grids (0: none)")
     s.add_argument("--preview-w", type=float, default=6.0, help="w of the previews (diffusers' scale 7)")
     s.add_argument("--preview-count", type=int, default=4, help="previews show the first captions of the data")
@@ -297,8 +298,12 @@ def main(argv=None):
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
         log0(rank, f"resuming {out} at step {start}")
+    # The only buffer, the position table (226 MB at SD3-medium size), is a constant: no need to
+    # broadcast it before every forward (the flag was renamed in torch 2.14).
+    no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
+               else "broadcast_buffers": False}
     net = DDP(student, device_ids=[device.index] if device.type == "cuda" else None,
-              broadcast_buffers=False) if world > 1 else student
+              **no_sync) if world > 1 else student
     # Teacher passes are counted, to report model FLOPs: one pass per row, the student's three.
     teacher_n = samplers.Counter(teacher, 1)
     weak_n = samplers.Counter(weak, 1) if weak is not None else None
@@ -344,7 +349,7 @@ def main(argv=None):
             log_file.write(json.dumps(rec) + "\n")
             log_file.flush()
             done = step + 1
-            if (args.save_every and done % args.save_every == 0) or done == args.steps:
+            if args.save_every and (done % args.save_every == 0 or done == args.steps):
                 checkpoint.save({"student": student.state_dict(), "optimizer": opt.state_dict(), "step": done,
                                  "config": run}, ckpt_path)
                 save_student(args, student, model_dir, done)

@@ -58,7 +58,7 @@ def encode_items(folder, items, rows, encode_text, vae, resolution, batch_size, 
             try:
                 images.append(load_image(items[i][0], resolution))
                 ok.append(i)
-            except (RuntimeError, OSError, ValueError) as e:
+            except (OSError, ValueError) as e:
                 print(f"warning: skipping {items[i][0]}: cannot decode it ({type(e).__name__}: {e})")
                 skipped.append(items[i][0])
         if progress is not None:

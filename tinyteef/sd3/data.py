@@ -5,19 +5,19 @@ Two layouts, as in diffusers' and kohya's training scripts:
   folder) and `text`;
 - otherwise every image `NAME.EXT` with its caption in `NAME.txt` beside it (subfolders too).
 
-Images are decoded with torchvision (JPEG, PNG, WebP, GIF; EXIF orientation applied), resized so
-the shorter side is the resolution, and centre-cropped to a square.
+Images are decoded with Pillow (which torchvision depends on; torchvision's own decoders are
+deprecated since 0.29), turned upright by their EXIF orientation, resized so the shorter side is
+the resolution, and centre-cropped to a square.
 """
 
 import json
 import os
 
-import torch
-from torchvision.io import ImageReadMode, decode_image
+from PIL import Image, ImageOps
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
 METADATA = "metadata.jsonl"
 
 
@@ -72,11 +72,10 @@ def list_items(folder):
 
 def load_image(path, resolution):
     """Decode an image file -> (3, resolution, resolution) float in [-1, 1]: the shorter side resized
-    to `resolution` (bicubic, antialiased), then the centre square. Raises RuntimeError or OSError
-    when the file cannot be read or decoded."""
-    with open(path, "rb") as f:
-        data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
-    image = decode_image(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)  # (3, H, W) uint8
+    to `resolution` (bicubic, antialiased), then the centre square. Raises OSError (PIL's
+    UnidentifiedImageError is one) or ValueError when the file cannot be read or decoded."""
+    with Image.open(path) as im:
+        image = TF.pil_to_tensor(ImageOps.exif_transpose(im).convert("RGB"))  # (3, H, W) uint8
     image = TF.resize(image, resolution, interpolation=InterpolationMode.BICUBIC, antialias=True)
     image = TF.center_crop(image, resolution)  # (3, R, R)
     return image.float() / 127.5 - 1.0

@@ -1,0 +1,223 @@
+"""train_sd3.py on the tiny random SD3 folder, on the CPU: every teacher runs and saves a student
+that diffusers loads; a resumed run continues exactly; two gloo processes under torchrun give the
+losses of one; bad input gets one clear message."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import train_sd3
+from conftest import oracle
+from tinyteef import checkpoint
+from tinyteef.safetensors import load_file, save_file
+from tinyteef.sd3 import cache
+from tinyteef.sd3.loader import load_transformer
+from tinyteef.sd3.tiny import write_tiny_sd3
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CAPTIONS = ["a red cat", "a blue dog on the beach", "a photo of a golden robot", "an old man in the city",
+            "a green bird", "a white horse at night"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return write_tiny_sd3(root / "teacher", seed=0), write_tiny_sd3(root / "weak", seed=1)
+
+
+def write_png(image, path):
+    """(3, H, W) uint8 -> PNG file."""
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
+
+
+def write_images(folder, n=len(CAPTIONS), captions=True):
+    """n random PNGs of different sizes (not square: the loader crops), a caption .txt beside each."""
+    os.makedirs(folder, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        write_png((torch.rand(3, 72 + 8 * i, 64, generator=g) * 255).to(torch.uint8), os.path.join(folder, f"{i}.png"))
+        if captions:
+            with open(os.path.join(folder, f"{i}.txt"), "w") as f:
+                f.write(CAPTIONS[i % len(CAPTIONS)])
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_images(tmp_path_factory.mktemp("data"))
+
+
+def argv(models, data, out, teacher="w2sd", steps=4, *extra):
+    return ["--model", models[0], "--weak-model", models[1], "--data", data, "--out", str(out),
+            "--teacher", teacher, "--resolution", "64", "--batch-size", "4", "--micro-batch", "1",
+            "--steps", str(steps), "--save-every", "2", "--preview-every", "2", "--device", "cpu", *extra]
+
+
+def losses(out, key="loss"):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line)[key] for line in f]
+
+
+@pytest.mark.parametrize("teacher", ["cfg", "zsampling", "w2sd"])
+def test_each_teacher_trains_and_diffusers_loads_the_student(models, data, tmp_path, teacher):
+    diffusers = oracle("diffusers")
+    out = tmp_path / teacher
+    train_sd3.main(argv(models, data, out, teacher, 2))
+    assert len(losses(out)) == 2 and all(torch.isfinite(torch.tensor(losses(out))))
+    assert os.path.isfile(out / "previews" / "step_000002.png")
+    ours, H = load_transformer(str(out / "student"))
+    theirs = diffusers.SD3Transformer2DModel.from_pretrained(str(out / "student" / "transformer")).eval()
+    teacher_model, _ = load_transformer(models[0])
+    # the saved student is the trained one: it equals the checkpoint, not the teacher
+    state = checkpoint.load(out / "checkpoint.pt")["student"]
+    assert H is None and torch.equal(ours.proj_out.weight, state["model.proj_out.weight"])
+    assert not torch.equal(ours.proj_out.weight, teacher_model.proj_out.weight)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 16, 8, 8, generator=g), torch.tensor([0.3, 0.8])
+    tokens, pooled = torch.randn(2, 333, 64, generator=g), torch.randn(2, 48, generator=g)
+    with torch.no_grad():
+        ref = theirs(hidden_states=x, timestep=1000 * t, encoder_hidden_states=tokens,
+                     pooled_projections=pooled).sample
+        assert (ours.eval()(x, t, tokens, pooled) - ref).abs().max() < 1e-5
+    # the whole folder is an SD3 pipeline for our sampler: the other components link to the teacher's
+    assert os.path.realpath(out / "student" / "vae") == os.path.realpath(os.path.join(models[0], "vae"))
+
+
+def test_resume_continues_exactly(models, data, tmp_path):
+    train_sd3.main(argv(models, data, tmp_path / "whole", "w2sd", 4))
+    train_sd3.main(argv(models, data, tmp_path / "parts", "w2sd", 2))
+    with pytest.raises(SystemExit, match="pass --resume"):
+        train_sd3.main(argv(models, data, tmp_path / "parts", "w2sd", 4))
+    train_sd3.main(argv(models, data, tmp_path / "parts", "w2sd", 4, "--resume"))
+    assert losses(tmp_path / "parts") == losses(tmp_path / "whole")  # bit for bit
+    a, b = (checkpoint.load(tmp_path / p / "checkpoint.pt") for p in ("whole", "parts"))
+    assert a["step"] == b["step"] == 4
+    assert all(torch.equal(a["student"][k], b["student"][k]) for k in a["student"])
+
+
+def torchrun(nproc, args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           os.path.join(ROOT, "train_sd3.py"), *args]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_two_processes_give_the_losses_of_one(models, data, tmp_path):
+    """DDP over gloo: each process takes half of the 4 micro-batches of a step; the step's loss and
+    update are those of one process at the same global batch, up to float summation order
+    (measured: relative differences ~3e-7; tolerance 1e-5)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    torchrun(1, argv(models, data, one, "w2sd", 4, "--preview-every", "0"))
+    torchrun(2, argv(models, data, two, "w2sd", 2, "--preview-every", "0"))
+    assert sorted(os.listdir(two)) == ["cache", "checkpoint.pt", "config.json", "log.jsonl", "student"]
+    torchrun(2, argv(models, data, two, "w2sd", 4, "--preview-every", "0", "--resume"))
+    assert len(losses(one)) == 4
+    for key in ("loss", "grad_norm"):  # AdamW hides a wrongly scaled gradient; its norm does not
+        assert torch.allclose(torch.tensor(losses(two, key)), torch.tensor(losses(one, key)), rtol=1e-5, atol=0)
+
+
+def test_distillcfg_student_saves_its_guidance_mlp(models, data, tmp_path):
+    out = tmp_path / "dcfg"
+    train_sd3.main(argv(models, data, out, "cfg", 2, "--student", "distillcfg", "--preview-every", "0"))
+    _, H = load_transformer(str(out / "student"))
+    state = checkpoint.load(out / "checkpoint.pt")["student"]
+    assert torch.equal(H.linear_2.weight, state["H.linear_2.weight"])
+    assert H.linear_2.weight.abs().sum() > 0  # trained away from its zero init
+
+
+def test_random_init_tiny_runs_without_data(tmp_path):
+    out = tmp_path / "rand"
+    train_sd3.main(["--random-init", "tiny", "--teacher", "w2sd", "--out", str(out), "--resolution", "64",
+                    "--batch-size", "2", "--micro-batch", "2", "--steps", "1", "--device", "cpu"])
+    assert len(losses(out)) == 1 and os.path.isdir(out / "student" / "transformer")
+
+
+def test_non_finite_loss_stops_before_the_update(models, data, tmp_path):
+    teacher = write_tiny_sd3(tmp_path / "teacher", seed=0)
+    out = tmp_path / "run"
+    args = argv((teacher, models[1]), data, out, "cfg", 2, "--preview-every", "0")
+    train_sd3.main(args)
+    before = (out / "checkpoint.pt").read_bytes()
+    weights = os.path.join(teacher, "transformer", "diffusion_pytorch_model.safetensors")
+    state = load_file(weights)
+    state["proj_out.bias"] = torch.full_like(state["proj_out.bias"], float("nan"))
+    save_file(state, weights)
+    args[args.index("--steps") + 1] = "4"
+    with pytest.raises(SystemExit, match="non-finite loss .* at step 2"):
+        train_sd3.main(args + ["--resume"])
+    assert (out / "checkpoint.pt").read_bytes() == before
+    assert len(losses(out)) == 2
+
+
+def error_of(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_sd3.main(args)
+    return f"{e.value.code} {capsys.readouterr().err}"
+
+
+def test_bad_input(models, data, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "holds no images" in error_of(argv(models, str(empty), tmp_path / "a"), capsys)
+    no_captions = write_images(tmp_path / "nocap", 2, captions=False)
+    msg = error_of(argv(models, no_captions, tmp_path / "b"), capsys)
+    assert "2 image(s)" in msg and "have no caption" in msg and "metadata.jsonl" in msg
+    msg = error_of(["--model", models[0], "--data", data, "--teacher", "w2sd"], capsys)
+    assert msg.startswith("2 ") and "needs --weak-model DIR" in msg and "--teacher zsampling" in msg
+    train_sd3.main(argv(models, data, tmp_path / "c", "cfg", 1, "--preview-every", "0"))
+    msg = error_of(argv(models, data, tmp_path / "c", "cfg", 2, "--resume", "--lr", "1e-4"), capsys)
+    assert "holds a run with --lr 5e-06, this one asks for 0.0001" in msg
+
+
+def test_undecodable_image_is_skipped_and_counted(models, tmp_path, capsys):
+    folder = write_images(tmp_path / "data", 3)
+    (tmp_path / "data" / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "data" / "broken.txt").write_text("a broken file")
+    train_sd3.main(argv(models, folder, tmp_path / "run", "cfg", 1, "--preview-every", "0"))
+    out = capsys.readouterr().out
+    assert "warning: skipping" in out and "broken.png" in out and "3 images cached" in out and "1 skipped" in out
+
+
+def test_metadata_jsonl_layout(tmp_path):
+    from tinyteef.sd3.data import list_items
+    folder = write_images(tmp_path / "d", 2, captions=False)
+    with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
+        f.write('{"file_name": "1.png", "text": "second"}\n\n{"file_name": "0.png", "text": "first"}\n')
+    assert list_items(folder) == [(os.path.join(folder, "1.png"), "second"), (os.path.join(folder, "0.png"), "first")]
+    with open(os.path.join(folder, "metadata.jsonl"), "a") as f:
+        f.write('{"file": "x.png"}\n')
+    with pytest.raises(ValueError, match="line 4: expected a JSON object"):
+        list_items(folder)
+
+
+def test_load_image_crops_the_centre_and_resizes(tmp_path):
+    from tinyteef.sd3.data import load_image
+    image = torch.zeros(3, 32, 64, dtype=torch.uint8)
+    image[:, :, 16:48] = 255  # white centre square, black side bands
+    write_png(image, str(tmp_path / "a.png"))
+    assert torch.equal(load_image(str(tmp_path / "a.png"), 32), torch.ones(3, 32, 32))
+    flat = torch.full((3, 64, 128), 51, dtype=torch.uint8)  # a constant stays constant after resizing
+    write_png(flat, str(tmp_path / "b.png"))
+    assert torch.allclose(load_image(str(tmp_path / "b.png"), 16), torch.full((3, 16, 16), 51 / 127.5 - 1))
+
+
+def test_stale_cache_is_refused(tmp_path):
+    made = {"resolution": 64, "encoder_dtype": "torch.float32", "t5_length": 256}
+    cache.check_settings(str(tmp_path), made)
+    cache.check_settings(str(tmp_path), made)  # the same settings: accepted
+    with pytest.raises(ValueError, match="made with encoder_dtype = 'torch.float32' but this run asks for "
+                                         "'torch.bfloat16'"):
+        cache.check_settings(str(tmp_path), {**made, "encoder_dtype": "torch.bfloat16"})
+
+
+def test_global_rows_visit_every_row_once_per_epoch():
+    n, batch = 10, 4  # 5 steps = 20 positions = 2 epochs
+    stream = [r for step in range(5) for r in train_sd3.global_rows(7, step, batch, n)]
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:]) == list(range(10))
+    assert stream[:10] != stream[10:]  # each epoch has its own order
