@@ -222,8 +222,11 @@ UNK_PENALTY = 10.0  # an unknown character scores min(score) - 10, as in sentenc
 
 def t5_normalize(text):
     """nmt_nfkc (above), then runs of spaces -> one space: the normaliser of SD3's tokenizer.json,
-    Sequence[Precompiled(nmt_nfkc), Replace(" {2,}", " ")]. Leading and trailing spaces are kept
-    (unlike the sentencepiece library): a trailing space gives a final "▁" token, as in HF."""
+    Sequence[Precompiled(nmt_nfkc), Replace(" {2,}", " ")]. Leading and trailing spaces are kept:
+    a trailing space gives a final "▁" token. This is the `tokenizers` library on that file, i.e.
+    transformers 4's T5TokenizerFast, which diffusers' SD3 pipeline used; the sentencepiece
+    library, and transformers 5's T5Tokenizer, drop the trailing space (huggingface/tokenizers
+    issue 1250 on this mismatch). Prompts without a trailing space tokenise the same in all."""
     text = text.translate(NMT_SPACES)
     text = TILDE.join(unicodedata.normalize("NFKC", part) for part in text.split(TILDE))
     return re.sub(" {2,}", " ", text)
