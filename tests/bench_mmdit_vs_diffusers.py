@@ -2,6 +2,7 @@
 same process. Forward time at SD3-medium size, bf16, 1024 x 1024 (128 x 128 latents), 333 text tokens.
 
     python tests/bench_mmdit_vs_diffusers.py --batch 1 4
+    python tests/bench_mmdit_vs_diffusers.py --batch 1 4 --compile ours   (ours through torch.compile)
 
 diffusers is a test-only reference here, as everywhere in this project.
 """
@@ -35,6 +36,8 @@ def main():
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     p.add_argument("--latent", type=int, default=128)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--compile", choices=("none", "ours", "both"), default="none",
+                   help="run ours (or both models) through torch.compile; the first calls compile")
     args = p.parse_args()
     from diffusers import SD3Transformer2DModel
     cfg = MMDiTConfig()  # SD3-medium
@@ -45,7 +48,9 @@ def main():
                                     pos_embed_max_size=192).to(torch.bfloat16).eval()
         ours = MMDiT(cfg).to(torch.bfloat16).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
-    print(f"GPU: {torch.cuda.get_device_name()}; SD3-medium MMDiT, "
+    run_ours = torch.compile(ours) if args.compile != "none" else ours
+    run_ref = torch.compile(ref) if args.compile == "both" else ref
+    print(f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; compiled: {args.compile}; SD3-medium MMDiT, "
           f"{sum(q.numel() for q in ours.parameters()) / 1e9:.2f} B parameters, bf16, latent {args.latent}^2, 333 text tokens")
     print("| batch | diffusers ms | ours ms | diffusers / ours | ours TFLOP/s | max abs diff |")
     print("|---|---|---|---|---|---|")
@@ -56,9 +61,9 @@ def main():
         pooled = torch.randn(B, 2048, device="cuda", generator=g, dtype=torch.bfloat16)
         t = torch.rand(B, device="cuda", generator=g)
         with torch.no_grad():
-            f_ref = lambda: ref(hidden_states=x, encoder_hidden_states=tokens, pooled_projections=pooled,
+            f_ref = lambda: run_ref(hidden_states=x, encoder_hidden_states=tokens, pooled_projections=pooled,
                                 timestep=1000 * t).sample
-            f_ours = lambda: ours(x, t, tokens, pooled)
+            f_ours = lambda: run_ours(x, t, tokens, pooled)
             diff = (f_ref().float() - f_ours().float()).abs().max().item()
             t_ref, t_ours = timed_pair(f_ref, f_ours, args.repeats)
         tflops = ours.flops_per_forward(B, args.latent, args.latent, 333) / t_ours / 1e12
