@@ -239,6 +239,37 @@ def preview(args, student, teacher, weak, vae, data, device, step):
                nrow=len(rows))
 
 
+class Meter:
+    """Wraps a frozen net: counts the rows it evaluates and times its calls (CUDA events on a
+    GPU, so nothing waits), to split a step's time between the teacher's target and the
+    student's forward and backward."""
+
+    def __init__(self, net):
+        self.net, self.rows, self.events, self.cpu_seconds = net, 0, [], 0.0
+
+    def __call__(self, x, *args, **kwargs):
+        self.rows += x.shape[0]
+        if not x.is_cuda:
+            start = time.perf_counter()
+            v = self.net(x, *args, **kwargs)
+            self.cpu_seconds += time.perf_counter() - start
+            return v
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        v = self.net(x, *args, **kwargs)
+        end.record()
+        self.events.append((start, end))
+        return v
+
+    def take(self):
+        """(rows, seconds) since the last take."""
+        if self.events:
+            torch.cuda.synchronize()
+        seconds = self.cpu_seconds + sum(s.elapsed_time(e) for s, e in self.events) / 1000
+        rows, self.rows, self.events, self.cpu_seconds = self.rows, 0, [], 0.0
+        return rows, seconds
+
+
 def barrier(world):
     if world > 1:
         dist.barrier()
@@ -304,9 +335,10 @@ def main(argv=None):
                else "broadcast_buffers": False}
     net = DDP(student, device_ids=[device.index] if device.type == "cuda" else None,
               **no_sync) if world > 1 else student
-    # Teacher passes are counted, to report model FLOPs: one pass per row, the student's three.
-    teacher_n = samplers.Counter(teacher, 1)
-    weak_n = samplers.Counter(weak, 1) if weak is not None else None
+    # The teacher's passes are counted and timed, to report model FLOPs: one pass per row for the
+    # frozen nets, three (forward and backward) for the student.
+    teacher_n = Meter(teacher)
+    weak_n = Meter(weak) if weak is not None else None
     h = args.resolution // 8
     flops_row = teacher.flops_per_forward(1, h, h, 77 + args.t5_length)
     A, mb = args.batch_size // args.micro_batch, args.micro_batch  # micro-batches per step, all processes
@@ -317,7 +349,7 @@ def main(argv=None):
     bar = tqdm(range(start, args.steps), desc="stage 2: distilling", initial=start, total=args.steps,
                disable=rank != 0)
     for step in bar:
-        t0, rows0 = time.perf_counter(), teacher_n.rows + (weak_n.rows if weak_n else 0)
+        t0 = time.perf_counter()
         rows = global_rows(args.seed, step, args.batch_size, len(data))
         total = torch.zeros((), device=device)
         for j in range(accum):
@@ -338,10 +370,13 @@ def main(argv=None):
         opt.step()
         opt.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
-        teacher_rows = (teacher_n.rows + (weak_n.rows if weak_n else 0) - rows0) * world
+        (rows_t, s_t), (rows_w, s_w) = teacher_n.take(), weak_n.take() if weak_n else (0, 0.0)
+        student_s = dt - s_t - s_w  # the student's forward and backward, and the update
         rec = {"step": step + 1, "loss": loss, "grad_norm": grad_norm, "lr": args.lr, "s_per_step": dt,
-               "samples_per_s": args.batch_size / dt,
-               "model_tflops": (teacher_rows + 3 * args.batch_size) * flops_row / dt / 1e12}
+               "samples_per_s": args.batch_size / dt, "teacher_s": s_t + s_w, "student_s": student_s,
+               # model FLOPs per second of this process (GPU): MFU = these / the GPU's peak
+               "model_tflops": (rows_t + rows_w + 3 * args.batch_size / world) * flops_row / dt / 1e12,
+               "student_model_tflops": 3 * args.batch_size / world * flops_row / student_s / 1e12}
         if device.type == "cuda":
             rec["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
         bar.set_postfix(loss=f"{loss:.4f}", lr=args.lr, samples_per_s=f"{rec['samples_per_s']:.2f}")
