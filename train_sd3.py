@@ -90,7 +90,8 @@ def parse_args(argv=None):
     o.add_argument("--no-gradient-checkpointing", action="store_true")
     o.add_argument("--seed", type=int, default=0)
     s = p.add_argument_group("outputs")
-    s.add_argument("--save-every", type=int, default=500, help="steps between checkpoints, one also at the end (0: none, for benchmarks)")
+    s.add_argument("--save-every", type=int, default=500,
+                   help="steps between checkpoints, one also at the end (0: none, for benchmarks)")
     s.add_argument("--preview-every", type=int, default=500, help="steps between preview grids (0: none)")
     s.add_argument("--preview-w", type=float, default=6.0, help="w of the previews (diffusers' scale 7)")
     s.add_argument("--preview-count", type=int, default=4, help="previews show the first captions of the data")
