@@ -84,8 +84,11 @@ def test_each_teacher_trains_and_diffusers_loads_the_student(models, data, tmp_p
         ref = theirs(hidden_states=x, timestep=1000 * t, encoder_hidden_states=tokens,
                      pooled_projections=pooled).sample
         assert (ours.eval()(x, t, tokens, pooled) - ref).abs().max() < 1e-5
-    # the whole folder is an SD3 pipeline for our sampler: the other components link to the teacher's
+    # the whole folder is an SD3 pipeline: the other components link to the teacher's
     assert os.path.realpath(out / "student" / "vae") == os.path.realpath(os.path.join(models[0], "vae"))
+    if teacher == "cfg":
+        pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(str(out / "student"))
+        assert torch.equal(pipe.transformer.proj_out.weight, ours.proj_out.weight)
 
 
 def test_resume_continues_exactly(models, data, tmp_path):
