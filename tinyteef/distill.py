@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F_
 
 from .flow import interpolate, next_t, sample_t_logit_normal
-from .guidance import Student, Text, guided_velocity
+from .guidance import PAPER_W_RANGE, Student, Text, guided_velocity
 from .samplers import reflect
 
 TEACHERS = ("cfg", "zsampling", "w2sd")
@@ -31,8 +31,8 @@ REFLECTION_TARGETS = ("reach", "refined")
 @dataclass
 class DistillConfig:
     teacher: str = "w2sd"  # the teacher's sampler: cfg | zsampling | w2sd
-    w_min: float = 2.0  # w ~ U[w_min, w_max], paper's convention (Sec. 6.1: [2, 14])
-    w_max: float = 14.0
+    w_min: float = PAPER_W_RANGE[0]  # w ~ U[w_min, w_max], paper's convention (Sec. 6.1: [2, 14])
+    w_max: float = PAPER_W_RANGE[1]
     w_inv: float = -1.0  # Z-Sampling's inversion guidance (paper's w; -1 = unconditional)
     w_weak: float | None = 0.0  # W2SD's weak-model guidance (paper's w; 0 = conditional only; None = w)
     sample_steps: int = 28  # the grid the student will sample with: sets the reflection step
