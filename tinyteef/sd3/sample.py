@@ -3,6 +3,7 @@
     python -m tinyteef.sd3.sample --model DIR --prompt "a cat" --sampler cfg --w 5 --out cat.png
     python -m tinyteef.sd3.sample --model STUDENT_DIR --prompt "a cat" --sampler teefusion --w 5
     python -m tinyteef.sd3.sample --model DIR --weak-model WEAK_DIR --sampler w2sd --prompt "a cat"
+    python -m tinyteef.sd3.sample --model DIR --prompt "a cat" --negative-prompt "blurry" --sampler cfg
 
 --w is the paper's guidance weight (diffusers' guidance_scale minus 1). The model runs in bf16 on a
 GPU and in float32 on the CPU; the latent and the Euler updates stay float32, on SD3's time grid
@@ -32,6 +33,9 @@ def parse_args(argv=None):
     p.add_argument("--sampler", choices=SAMPLERS, default="cfg",
                    help="euler (no guidance), cfg, naive (Eq. 5), zsampling, w2sd (teachers); "
                         "teefusion (a distilled student, one pass per step)")
+    p.add_argument("--negative-prompt", default="",
+                   help="text to guide away from, encoded in place of the empty prompt ∅ (default: ∅). "
+                        "teefusion takes it as F(pooled(c) - pooled(neg)); its student was distilled with ∅ only")
     p.add_argument("--w", type=float, default=5.0, help="guidance weight, paper's convention (default 5)")
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--shift", type=float, default=3.0, help="time shift of the grid (SD3: 3)")
@@ -49,6 +53,9 @@ def parse_args(argv=None):
         p.error("--sampler w2sd needs --weak-model DIR: a weaker model of the same architecture that inverts "
                 "each step (Eq. 3), e.g. an earlier or less trained checkpoint; or use --sampler zsampling, "
                 "which reflects with the model itself")
+    if args.negative_prompt and args.sampler == "euler":
+        p.error("--negative-prompt needs a guided sampler (cfg, naive, zsampling, w2sd, teefusion): "
+                "euler runs without guidance and never uses ∅")
     if args.height % 16 or args.width % 16:
         p.error(f"--height and --width must be multiples of 16 (got {args.height}x{args.width})")
     for flag, folder in (("--model", args.model), ("--weak-model", args.weak_model)):
@@ -78,7 +85,7 @@ def main(argv=None):
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     encoders = TextEncoders.load(args.model, device, dtype)
-    c, u = encoders([args.prompt]), encoders([""])
+    c, u = encoders([args.prompt]), encoders([args.negative_prompt])  # u: ∅, or the negative prompt
     del encoders  # the text encoders are not needed any more (T5-XXL alone is 9 GB in bf16)
     model, _ = load_transformer(args.model, device, dtype)
     weak = load_transformer(args.weak_model, device, dtype)[0] if args.sampler == "w2sd" else None
