@@ -20,7 +20,9 @@ outside the range it was distilled on (guidance.Student.check_w).
 
 `u` is the empty prompt ∅, or a negative prompt's encoding in its place: the CFG samplers then
 guide away from it, naive fusion moves c away from it, and the student's Eq. 7 term becomes
-G(psi(w)) ⊙ F(pooled(c) - pooled(neg)) (its attention still sees c's tokens only).
+G(psi(w)) ⊙ F(pooled(c) - pooled(neg)) (its attention still sees c's tokens only). Z-Sampling's
+default inversion (w_inv = -1) then uses v(neg) alone, as a diffusers pipeline at guidance scale 0
+would.
 
 References: Bai et al. 2025, "Zigzag Diffusion Sampling" (Z-Sampling, ICLR 2025); Bai et al. 2025,
 "Weak-to-Strong Diffusion with Reflection" (W2SD).
