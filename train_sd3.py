@@ -37,13 +37,14 @@ from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from tinyteef import checkpoint, samplers
+from tinyteef.bench import Meter
 from tinyteef.distill import REFLECTION_TARGETS, TEACHERS, DistillConfig, distill_step
 from tinyteef.flow import shift, time_grid
 from tinyteef.guidance import STUDENT_KINDS, TEEFUSION_DIVISOR, DistillCFG, Student
 from tinyteef.mmdit import MMDiT, MMDiTConfig
 from tinyteef.sd3 import cache
 from tinyteef.sd3.data import list_items
-from tinyteef.sd3.loader import link_components, load_transformer, load_vae, save_transformer
+from tinyteef.sd3.loader import STUDENT_RECORD, link_components, load_transformer, load_vae, save_transformer
 from tinyteef.sd3.prompt import TextEncoders
 from tinyteef.sd3.sample import SD3_T_MIN
 from tinyteef.sd3.tiny import randomize, write_tiny_sd3
@@ -109,6 +110,9 @@ def parse_args(argv=None):
         p.error("--teacher w2sd needs --weak-model DIR: W2SD reflects each step by inverting with a weak model "
                 "(Eq. 3), a weaker model of the same architecture, e.g. an earlier or less trained checkpoint "
                 "of the teacher; or use --teacher zsampling, which reflects with the teacher itself")
+    if not args.w_min <= args.preview_w <= args.w_max:
+        p.error(f"--preview-w {args.preview_w:g} must lie in [--w-min, --w-max] = [{args.w_min:g}, {args.w_max:g}], "
+                "the range the student is distilled on")
     if args.resolution % 16:
         p.error(f"--resolution must be a multiple of 16 (VAE 8x, patch 2), got {args.resolution}")
     if args.micro_batch < 1 or args.batch_size % args.micro_batch:
@@ -188,7 +192,8 @@ def load_models(args, model_dir, device):
     model.gradient_checkpointing = not args.no_gradient_checkpointing
     H = DistillCFG(model.config.hidden_size).to(device) if args.student == "distillcfg" else None
     frozen = lambda m: None if m is None else m.to(device, dtype).eval().requires_grad_(False)
-    return frozen(teacher), frozen(weak), Student(model, args.student, H, args.teefusion_divisor)
+    return frozen(teacher), frozen(weak), Student(model, args.student, H, args.teefusion_divisor,
+                                                  (args.w_min, args.w_max))
 
 
 def global_rows(seed, step, batch_size, n):
@@ -205,8 +210,9 @@ def save_student(args, student, model_dir, step):
     other components linked to the teacher's folder), swapped in whole."""
     final, tmp = os.path.join(args.out, "student"), os.path.join(args.out, ".student-new")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_transformer(tmp, student.model, student.H, {"tinyteef": {
-        "student_kind": student.kind, "teefusion_divisor": student.divisor, "teacher": args.teacher, "step": step}})
+    save_transformer(tmp, student.model, student.H, {STUDENT_RECORD: {
+        "student_kind": student.kind, "teefusion_divisor": student.divisor, "w_range": list(student.w_range),
+        "teacher": args.teacher, "step": step}})
     if model_dir is not None:
         link_components(tmp, model_dir)
     old = os.path.join(args.out, ".student-old")
@@ -238,37 +244,6 @@ def preview(args, student, teacher, weak, vae, data, device, step):
     mine = decode(samplers.student(student, x, ts, c, u, w).x).cpu()
     save_image(torch.cat([checkpoint.load(teacher_path), mine]), os.path.join(folder, f"step_{step:06d}.png"),
                nrow=len(rows))
-
-
-class Meter:
-    """Wraps a frozen net: counts the rows it evaluates and times its calls (CUDA events on a
-    GPU, so nothing waits), to split a step's time between the teacher's target and the
-    student's forward and backward."""
-
-    def __init__(self, net):
-        self.net, self.rows, self.events, self.cpu_seconds = net, 0, [], 0.0
-
-    def __call__(self, x, *args, **kwargs):
-        self.rows += x.shape[0]
-        if not x.is_cuda:
-            start = time.perf_counter()
-            v = self.net(x, *args, **kwargs)
-            self.cpu_seconds += time.perf_counter() - start
-            return v
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        v = self.net(x, *args, **kwargs)
-        end.record()
-        self.events.append((start, end))
-        return v
-
-    def take(self):
-        """(rows, seconds) since the last take."""
-        if self.events:
-            torch.cuda.synchronize()
-        seconds = self.cpu_seconds + sum(s.elapsed_time(e) for s, e in self.events) / 1000
-        rows, self.rows, self.events, self.cpu_seconds = self.rows, 0, [], 0.0
-        return rows, seconds
 
 
 def barrier(world):

@@ -3,7 +3,7 @@
     python train_toy.py                                    # CIFAR-10 (downloaded on first use)
     python train_toy.py --data shapes                      # generated in code, needs nothing
     python train_toy.py --data fashion-mnist --data-root /usr/share/datasets/fashion-mnist
-    python train_toy.py --preset smoke --device cpu        # every stage, tiny, in about a minute
+    python train_toy.py --preset smoke --device cpu        # every stage, tiny, in about 75 s on 2 cores
 
 Stages, each cached in --out and skipped when its result is there (a stopped run resumes):
   1. evaluator  a classifier of the real data: prompt accuracy and Fréchet distance of samples
@@ -14,7 +14,11 @@ Stages, each cached in --out and skipped when its result is there (a stopped run
                 W2SD+CFG
   4. students   Alg. 1: TeEFusion distilled from each of the three guided samplers; DistillCFG
                 and the G(psi(w)) ablation from W2SD+CFG (sharing its targets)
-  5. report     report.md and PNG grids: the paper's Tables 1/3/4, Fig. 5a and Fig. 4 in small
+  5. schedule   a linear guidance ramp against the constant w, teachers and students, equal cost
+  6. negative   negative prompts: how often an attribute the negative prompt names still appears
+  7. fidelity   each student's velocity error against its teacher's target over a (w, t) grid
+  8. report     report.md and PNG figures: the paper's Tables 1/3/4, Fig. 5a and Fig. 4 in small,
+                colour statistics across w, the fidelity heat maps and every stage's loss curves
 """
 
 import argparse
@@ -34,9 +38,13 @@ from tinyteef.distill import DistillConfig, distill_step
 from tinyteef.flow import interpolate, sample_t_logit_normal, velocity_target
 from tinyteef.guidance import TEEFUSION_DIVISOR, DistillCFG, Student
 from tinyteef.mmdit import MMDiT, MMDiTConfig
+from tinyteef.schedules import Ramp
 from toy import data as toydata
+from toy import fidelity, negative
+from toy.colour import colour_stats
 from toy.evaluator import Evaluator, train_evaluator
-from toy.report import save_grid, save_w_grid, write_report
+from toy.report import (colour_section, curve_section, fidelity_section, save_grid, save_w_grid,
+                        schedule_section, write_report)
 from toy.presets import PRESETS
 from toy.scoring import Scorer, autocast, spread
 from toy.text import PromptBank, TextEncoder, Tokenizer
@@ -99,7 +107,7 @@ def stage_evaluator(data, P, device, out, seed):
     def compute():
         model, acc = train_evaluator(data, steps=P.eval_steps, device=device, seed=seed)
         return {"state": model.state_dict(), "accuracy": acc["accuracy"],
-                "per_attribute": acc["accuracy_per_attribute"]}
+                "per_attribute": acc["accuracy_per_attribute"], "losses": acc["losses"]}
     result = staged(os.path.join(out, "evaluator.pt"), compute)
     model = Evaluator(data.channels, data.classes).to(device).eval()
     model.load_state_dict(result["state"])
@@ -198,8 +206,16 @@ STUDENTS = {
 }
 
 
+def distill_config(P, kind):
+    """Alg. 1's settings for teacher sampler `kind`: the students train for the toy's own sampling
+    grid (P.sample_steps, shift 1) and W2SD's weak model inverts at the strong w."""
+    return DistillConfig(teacher=kind, w_min=P.w_min, w_max=P.w_max, w_weak=None,
+                         sample_steps=P.sample_steps, shift=1.0)
+
+
 def stage_students(data, P, device, out, seed, teacher, weak, text, bank, kind):
-    """Alg. 1 from one teacher sampler: every student of STUDENTS that uses it, on shared targets."""
+    """Alg. 1 from one teacher sampler: every student of STUDENTS that uses it, on shared targets.
+    Returns ({name: Student}, their loss curves {name: [(step, loss)]})."""
     names = [n for n, spec in STUDENTS.items() if spec[0] == kind]
     torch.manual_seed(seed)  # DistillCFG's H starts the same whichever stages ran before
     students = []
@@ -207,12 +223,11 @@ def stage_students(data, P, device, out, seed, teacher, weak, text, bank, kind):
         _, student_kind, _, divisor = STUDENTS[n]
         H = DistillCFG(teacher.config.hidden_size).to(device) if student_kind == "distillcfg" else None
         students.append(Student(copy.deepcopy(teacher).requires_grad_(True).train(), student_kind, H,
-                                P.teefusion_divisor if divisor is None else divisor))
+                                P.teefusion_divisor if divisor is None else divisor, (P.w_min, P.w_max)))
     path, partial = os.path.join(out, f"students_{kind}.pt"), os.path.join(out, f"students_{kind}.partial.pt")
     opts = [torch.optim.AdamW(s.parameters(), lr=P.distill_lr, weight_decay=0.0) for s in students]
     if not os.path.exists(path):
-        cfg = DistillConfig(teacher=kind, w_min=P.w_min, w_max=P.w_max, w_weak=None,
-                            sample_steps=P.sample_steps, shift=1.0)
+        cfg = distill_config(P, kind)
         g = torch.Generator(device).manual_seed(seed + 2)
         state = {"step": 0, "losses": []}
         if os.path.exists(partial):
@@ -257,7 +272,8 @@ def stage_students(data, P, device, out, seed, teacher, weak, text, bank, kind):
         if s.H is not None:
             s.H.load_state_dict(st["H"])
             s.H.requires_grad_(False)
-    return dict(zip(names, students)), result["losses"]
+    curves = {n: [(row[0], row[1 + k]) for row in result["losses"]] for k, n in enumerate(names)}
+    return dict(zip(names, students)), curves
 
 
 def student_method(s, w):
@@ -293,16 +309,19 @@ def main(argv=None):
     with open(cfg_path, "w") as f:
         json.dump(run, f, indent=1)
     evaluator, ev = stage_evaluator(data, P, device, out, args.seed)
-    teacher, weak, text, tokenizer, _ = stage_teacher(data, P, device, out, args.seed)
+    teacher, weak, text, tokenizer, teacher_losses = stage_teacher(data, P, device, out, args.seed)
     bank = PromptBank(data, tokenizer, device)
     scorer = Scorer(data, P, device, evaluator, text, bank, args.seed)
+    # an evaluator cached before it kept its loss curve has none to draw
+    curves = {"evaluator (cross-entropy)": {"evaluator": ev.get("losses", [])},
+              "teacher (flow matching)": {"teacher": teacher_losses}}
 
-    def scored(name, method, teacher_x=None):
+    def scored(name, method, teacher_x=None, timing=True):
         """Score one method (cached in scores/), save its sample grid, return its row."""
         slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
         def compute():
-            r, x = scorer.score(method)
+            r, x = scorer.score(method, timing=timing)
             save_grid(spread(x, 64), os.path.join(out, f"{slug}.png"))
             return {**r, "x": toydata.to_uint8(x)}
         r = staged(os.path.join(out, "scores", f"{slug}.pt"), compute)
@@ -313,16 +332,20 @@ def main(argv=None):
 
     table = {name: scored(name, m) for name, m in teacher_methods(teacher, weak, P.w).items()}
     students = {}
-    for kind in ("cfg", "zsampling", "w2sd"):
-        students.update(stage_students(data, P, device, out, args.seed, teacher, weak, text, bank, kind)[0])
+    for kind, label in (("cfg", "Euler+CFG"), ("zsampling", "Z-Sampling+CFG"), ("w2sd", "W2SD+CFG")):
+        found, curves[f"students from {label} (Alg. 1)"] = stage_students(
+            data, P, device, out, args.seed, teacher, weak, text, bank, kind)
+        students.update(found)
     for name, s in students.items():
         table[name] = scored(name, student_method(s, P.w), table[STUDENTS[name][2]]["x"])
 
-    sweep_methods = {"W2SD+CFG": lambda w: teacher_methods(teacher, weak, w)["Teacher W2SD+CFG"],
-                     "TeEFusion": lambda w: student_method(students["TeEFusion from W2SD+CFG"], w),
-                     "TeEFusion / 256": lambda w: student_method(
-                         students["TeEFusion, term / 256 (authors' SD3 code), from W2SD+CFG"], w),
-                     "DistillCFG": lambda w: student_method(students["DistillCFG from W2SD+CFG"], w)}
+    def at(name):
+        """The teacher sampler or student `name` as a function of w (a number or a schedule)."""
+        return (lambda w: student_method(students[name], w)) if name in students else (
+            lambda w: teacher_methods(teacher, weak, w)[name])
+    sweep_methods = {"W2SD+CFG": at("Teacher W2SD+CFG"), "TeEFusion": at("TeEFusion from W2SD+CFG"),
+                     "TeEFusion / 256": at("TeEFusion, term / 256 (authors' SD3 code), from W2SD+CFG"),
+                     "DistillCFG": at("DistillCFG from W2SD+CFG")}
 
     def sweep_compute():
         rows, grid = {}, {}
@@ -334,6 +357,28 @@ def main(argv=None):
         save_w_grid(grid, os.path.join(out, "grid_w.png"))
         return {"rows": rows}
     sweep = staged(os.path.join(out, "sweep.pt"), sweep_compute)
+
+    # stage 5: a ramp in t from w_min (noise) to 2 w - w_min (data), of mean w over t and inside the
+    # students' trained range, against the constant w at the same passes per step
+    ramp = Ramp(P.w_min, 2 * P.w - P.w_min)
+    ramp_name = f"w ramp {ramp.w_start:g} → {ramp.w_end:g}"
+    pairs = {name: at(name) for name in ("Teacher Euler+CFG", "TeEFusion from Euler+CFG", "Teacher W2SD+CFG",
+                                         "TeEFusion from W2SD+CFG")}
+    schedule = {name: {"constant": table[name], "schedule": scored(f"{name}, {ramp_name}", make(ramp), timing=False)}
+                for name, make in pairs.items()}
+    # stage 6: negative prompts, on the same samplers at the table's w
+    negated = staged(os.path.join(out, "negative.pt"),
+                     lambda: negative.measure(scorer, {name: make(P.w) for name, make in pairs.items()}))
+    # stage 7: every student's velocity error against its teacher's target over (w, t), on 64
+    # held-out images (8 in the smoke preset: the 64-cell grid costs ~20 passes per image and cell)
+    fid = staged(os.path.join(out, "fidelity.pt"), lambda: fidelity.measure(
+        {name: (s, STUDENTS[name][0]) for name, s in students.items()}, teacher, weak, text, bank, data,
+        {kind: distill_config(P, kind) for kind in ("cfg", "zsampling", "w2sd")}, min(P.distill_batch // 2, 64),
+        device, args.seed + 3))
+    sections = [schedule_section(schedule, ramp, P.w), negative.section(negated, data.attributes, P.w),
+                fidelity_section(out, fid, (P.w_min, P.w_max)),
+                colour_section(out, sweep["rows"], list(sweep_methods), colour_stats(data.test_x)),
+                curve_section(out, curves)]
 
     w2sd_ms, student_ms = table["Teacher W2SD+CFG"]["ms"], table["TeEFusion from W2SD+CFG"]["ms"]
     info = {"data": args.data, "preset": args.preset, "w": P.w, "facts": {
@@ -349,7 +394,7 @@ def main(argv=None):
         "speed_line": f"Student (TeEFusion from W2SD+CFG) vs its W2SD+CFG teacher, same device and batch: "
                       f"{w2sd_ms / student_ms:.2f}x faster in wall time."}
     write_report(out, info, table, {"methods": list(sweep_methods), "rows": sweep["rows"]},
-                 list(sweep_methods), list(P.sweep))
+                 list(sweep_methods), list(P.sweep), sections)
     print(f"done: report and images in {os.path.abspath(out)}")
 
 

@@ -60,7 +60,7 @@ def test_euler_on_linear_field_closed_form():
     # dx/dt = a x integrated by N Euler steps of -1/N from t = 1 to 0: x_N = (1 - a / N)^N x_0
     a, N = 0.7, 5
     x0 = torch.tensor([[1.0, -2.0]])
-    x = sample_loop(x0, time_grid(N), euler_sampler(lambda x, t: a * x))
+    x = sample_loop(x0, time_grid(N), euler_sampler(lambda x, t, i: a * x))
     assert torch.allclose(x, x0 * (1 - a / N) ** N)
 
 

@@ -104,3 +104,49 @@ def test_default_inversion_guidance_skips_one_pass_per_reflected_step():
     # reflect_steps = 1: one reflected step (5 passes), three plain CFG steps (2 each)
     s = samplers.z_sampling(Field(), X0, ts, c, u, 2.0, reflect_steps=1)
     assert (s.passes, s.nominal) == (11, 12)
+
+
+def test_negative_prompt_in_place_of_empty_by_hand():
+    # v(c) = 1 and v(neg) = -2: Eq. 2 gives (1 + w) + 2 w = 7 at w = 2, and Eq. 5 the same constant
+    # b^ = 1 + 2 (1 - (-2)); three steps from t = 1 to 0 add -7
+    c, neg, ts = text(1.0), text(-2.0), time_grid(3)
+    assert torch.allclose(samplers.euler_cfg(Field(), X0, ts, c, neg, 2.0).x, X0 - 7)
+    assert torch.allclose(samplers.naive(Field(), X0, ts, c, neg, 2.0).x, X0 - 7)
+    # reflecting with equal guidance on a constant field lands where Euler does
+    assert torch.allclose(samplers.z_sampling(Field(), X0, ts, c, neg, 2.0, w_inv=2.0).x, X0 - 7)
+    assert torch.allclose(samplers.w2sd(Field(), Field(), X0, ts, c, neg, 2.0, w_weak=None).x, X0 - 7)
+
+
+def test_student_with_negative_prompt_by_hand():
+    # one Euler step from t = 1 to 0, written out: the attention sees c's tokens, z gets
+    # G(psi(1000 w)) * F(pooled(c) - pooled(neg)) / 256 (G, F and psi of the model, Eq. 7)
+    from tinyteef.mmdit import psi
+    model = random_mmdit()
+    g = torch.Generator().manual_seed(3)
+    c, neg = (Text(torch.randn(2, 5, 12, generator=g), torch.randn(2, 10, generator=g)) for _ in range(2))
+    empty = Text(torch.zeros(2, 5, 12), torch.zeros(2, 10))
+    x, w = torch.randn(2, 4, 8, 8, generator=g), 6.0
+    tte = model.time_text_embed
+    with torch.no_grad():
+        term = tte.timestep_embedder(psi(torch.tensor([1000 * w]))) * tte.text_embedder(c.pooled - neg.pooled) / 256
+        expected = x - model(x, torch.ones(2), c.tokens, c.pooled, term)
+        got = samplers.student(Student(model), x, time_grid(1), c, neg, w).x
+        with_empty = samplers.student(Student(model), x, time_grid(1), c, empty, w).x
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert (got - with_empty).abs().max() > 1e-3  # the negative prompt changes the sample
+
+
+def test_negative_prompt_equal_to_empty_changes_nothing():
+    # neg == ∅, encoded separately: every sampler gives exactly what it gives with ∅
+    model = random_mmdit()
+    g = torch.Generator().manual_seed(4)
+    c = Text(torch.randn(2, 5, 12, generator=g), torch.randn(2, 10, generator=g))
+    empty, neg = (Text(torch.zeros(2, 5, 12), torch.zeros(2, 10)) for _ in range(2))
+    x, ts = torch.randn(2, 4, 8, 8, generator=g), time_grid(3)
+    runs = {"euler_cfg": lambda u: samplers.euler_cfg(model, x, ts, c, u, 4.0),
+            "naive": lambda u: samplers.naive(model, x, ts, c, u, 4.0),
+            "z_sampling": lambda u: samplers.z_sampling(model, x, ts, c, u, 4.0),
+            "w2sd": lambda u: samplers.w2sd(model, model, x, ts, c, u, 4.0, w_weak=None),
+            "student": lambda u: samplers.student(Student(model), x, ts, c, u, 4.0)}
+    for name, run in runs.items():
+        assert torch.equal(run(neg).x, run(empty).x), name

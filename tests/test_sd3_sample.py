@@ -19,7 +19,10 @@ def test_cli_errors(tmp_path, capsys):
     assert "--sampler w2sd needs --weak-model DIR" in err and "--sampler zsampling" in err
     assert "no such folder" in error_of(["--model", str(tmp_path / "nope"), "--prompt", "a"], capsys)
     assert "multiples of 16" in error_of(base + ["--height", "1000"], capsys)
-    assert parse_args(base + ["--sampler", "teefusion"]).teefusion_divisor == 256.0
+    assert parse_args(base + ["--sampler", "teefusion"]).teefusion_divisor is None  # the student's record decides
+    assert "--negative-prompt needs a guided sampler" in error_of(
+        base + ["--sampler", "euler", "--negative-prompt", "a dog"], capsys)
+    assert parse_args(base + ["--sampler", "euler", "--negative-prompt", ""]).negative_prompt == ""
 
 
 @pytest.fixture(scope="module")
@@ -30,22 +33,34 @@ def tiny_sd3(tmp_path_factory):
 
 @pytest.mark.parametrize("sampler", ["euler", "cfg", "naive", "zsampling", "w2sd", "teefusion"])
 def test_every_sampler_writes_an_image(tiny_sd3, tmp_path, sampler, capsys):
+    import numpy as np
     from PIL import Image
     from tinyteef.sd3.sample import main
-    out = tmp_path / f"{sampler}.png"
-    main(["--model", str(tiny_sd3), "--prompt", "a red cat", "--sampler", sampler, "--steps", "3",
-          "--height", "48", "--width", "32", "--device", "cpu", "--out", str(out)]
-         + (["--weak-model", str(tiny_sd3)] if sampler == "w2sd" else []))
-    assert Image.open(out).size == (32, 48)
+
+    def sample(name, extra=()):
+        out = tmp_path / name
+        main(["--model", str(tiny_sd3), "--prompt", "a red cat", "--sampler", sampler, "--steps", "3",
+              "--height", "48", "--width", "32", "--device", "cpu", "--out", str(out), *extra]
+             + (["--weak-model", str(tiny_sd3)] if sampler == "w2sd" else []))
+        return np.asarray(Image.open(out))
+
+    image = sample("default.png")
+    assert image.shape == (48, 32, 3)
     # passes per step over 3 steps: Z-Sampling skips one pass of each of its 2 reflected steps
     # (w_inv = -1), W2SD one (w_weak = 0): (5 + 5 + 2) / 3 = 4
     expected = {"euler": "1", "cfg": "2", "naive": "1", "zsampling": "4", "w2sd": "4", "teefusion": "1"}
     assert f"{sampler}: {expected[sampler]} forward passes per step" in capsys.readouterr().out
+    # a negative prompt equal to ∅ gives exactly the image without one (same seed)
+    assert np.array_equal(sample("empty_negative.png", ["--negative-prompt", ""]), image)
+    if sampler != "euler":  # euler never uses ∅; the others guide away from the negative prompt
+        assert not np.array_equal(sample("negative.png", ["--negative-prompt", "a blue dog"]), image)
 
 
-def test_euler_cfg_image_equals_diffusers_pipeline(tiny_sd3):
+@pytest.mark.parametrize("negative", ["", "a blue dog"])
+def test_euler_cfg_image_equals_diffusers_pipeline(tiny_sd3, negative):
     """One whole Euler+CFG sample from the same initial latent: ours vs diffusers'
-    StableDiffusion3Pipeline on the same folder (guidance_scale = w + 1)."""
+    StableDiffusion3Pipeline on the same folder (guidance_scale = w + 1), with ∅ and with a
+    negative prompt encoded in ∅'s place."""
     import torch
     from conftest import oracle
     from tinyteef import samplers
@@ -57,13 +72,13 @@ def test_euler_cfg_image_equals_diffusers_pipeline(tiny_sd3):
     pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(tiny_sd3)
     w, steps = 4.0, 6
     latents = torch.randn(1, 16, 6, 4, generator=torch.Generator().manual_seed(0))
-    expected = pipe(prompt="a red cat on a table", negative_prompt="", guidance_scale=w + 1,
+    expected = pipe(prompt="a red cat on a table", negative_prompt=negative, guidance_scale=w + 1,
                     num_inference_steps=steps, latents=latents.clone(), height=48, width=32,
                     output_type="latent").images
     enc = TextEncoders.load(tiny_sd3)
     model, _ = load_transformer(tiny_sd3)
     ts = time_grid(steps, 3.0, u_last=shift(SD3_T_MIN, 3.0))
-    got = samplers.euler_cfg(model, latents, ts, enc(["a red cat on a table"]), enc([""]), w).x
+    got = samplers.euler_cfg(model, latents, ts, enc(["a red cat on a table"]), enc([negative]), w).x
     assert expected.abs().mean() > 0.1
     assert (got - expected).abs().max() < 1e-4
     vae = load_vae(tiny_sd3)
@@ -73,11 +88,13 @@ def test_euler_cfg_image_equals_diffusers_pipeline(tiny_sd3):
     assert (image - ref).abs().max() < 1e-4
 
 
-def test_authors_student_loop_equals_our_teefusion_sampler(tiny_sd3):
+@pytest.mark.parametrize("negative", ["", "a blue dog"])
+def test_authors_student_loop_equals_our_teefusion_sampler(tiny_sd3, negative):
     """The authors' TeEFusion pipeline (AIDC-AI/TeEFusion, pipelines/sd3_teefusion_pipeline.py),
     written out on diffusers' modules: per step, temb gets G(psi(1000 w)) * F(pooled_c - pooled_∅) / 256,
     the attention sees the prompt's tokens only, and diffusers' scheduler takes the Euler step.
-    Our `student` sampler on the same folder and latent must land on the same latent."""
+    Our `student` sampler on the same folder and latent must land on the same latent; with a
+    negative prompt, diffusers' encoding of it takes pooled_∅'s place in both."""
     import torch
     from conftest import oracle
     from tinyteef import samplers
@@ -93,7 +110,7 @@ def test_authors_student_loop_equals_our_teefusion_sampler(tiny_sd3):
     with torch.no_grad():
         c_tok, _, c_pool, u_pool = pipe.encode_prompt(prompt="a red cat", prompt_2=None, prompt_3=None,
                                                       device="cpu", do_classifier_free_guidance=True,
-                                                      negative_prompt="")
+                                                      negative_prompt=negative)
         tr, sched = pipe.transformer, pipe.scheduler
         sched.set_timesteps(steps)
         x = latents.clone()
@@ -110,6 +127,13 @@ def test_authors_student_loop_equals_our_teefusion_sampler(tiny_sd3):
     enc = TextEncoders.load(tiny_sd3)
     model, _ = load_transformer(tiny_sd3)
     ts = time_grid(steps, 3.0, u_last=shift(SD3_T_MIN, 3.0))
-    got = samplers.student(Student(model), latents, ts, enc(["a red cat"]), enc([""]), w)
+    got = samplers.student(Student(model), latents, ts, enc(["a red cat"]), enc([negative]), w)
     assert got.passes == steps
     assert x.abs().mean() > 0.1 and (got.x - x).abs().max() < 1e-4
+
+
+def test_student_w_outside_its_range_is_refused(tiny_sd3, tmp_path):
+    from tinyteef.sd3.sample import main
+    with pytest.raises(SystemExit, match=r"error: --w: w = 1 is outside \[2, 14\]"):
+        main(["--model", str(tiny_sd3), "--prompt", "a cat", "--sampler", "teefusion", "--w", "1", "--steps", "2",
+              "--height", "32", "--width", "32", "--device", "cpu", "--out", str(tmp_path / "x.png")])

@@ -1,6 +1,7 @@
 """toy/evaluator.py: Fréchet distance against closed forms, and a classifier that learns attributes
 separable by construction. The data are built here (not by toy/data.py), small enough for the CPU."""
 
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -182,3 +183,13 @@ def test_prompt_accuracy_true_wrong_and_shuffled_labels(trained, quadrants):
     chance = float((pairs ** 2).sum())
     assert chance < 0.12
     assert prompt_accuracy(model, x, shuffled) < chance + 0.1
+
+
+def test_loss_curve_is_kept(trained):
+    # logged every 10 of the 150 steps. The first is the untrained model's summed cross-entropy,
+    # near ln 4 + ln 3 (about uniform over 4 quadrants and 3 channels); training lowers it.
+    _, scores = trained
+    assert [step for step, _ in scores["losses"]] == list(range(0, 150, 10))
+    first, last = scores["losses"][0][1], scores["losses"][-1][1]
+    assert first == pytest.approx(math.log(4) + math.log(3), abs=0.3)
+    assert last < first / 4, (first, last)

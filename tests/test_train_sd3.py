@@ -16,7 +16,7 @@ from conftest import oracle
 from tinyteef import checkpoint
 from tinyteef.safetensors import load_file, save_file
 from tinyteef.sd3 import cache
-from tinyteef.sd3.loader import load_transformer
+from tinyteef.sd3.loader import load_student, load_transformer
 from tinyteef.sd3.tiny import write_tiny_sd3
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,7 +104,8 @@ def test_resume_continues_exactly(models, data, tmp_path):
 
 
 def torchrun(nproc, args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+    """train_sd3.py under torchrun; --standalone picks a free port, so runs side by side cannot collide."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            os.path.join(ROOT, "train_sd3.py"), *args]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -125,13 +126,15 @@ def test_two_processes_give_the_losses_of_one(models, data, tmp_path):
         assert torch.allclose(torch.tensor(losses(two, key)), torch.tensor(losses(one, key)), rtol=1e-5, atol=0)
 
 
-def test_distillcfg_student_saves_its_guidance_mlp(models, data, tmp_path):
+def test_distillcfg_student_saves_its_guidance_mlp_and_record(models, data, tmp_path):
     out = tmp_path / "dcfg"
-    train_sd3.main(argv(models, data, out, "cfg", 2, "--student", "distillcfg", "--preview-every", "0"))
-    _, H = load_transformer(str(out / "student"))
+    train_sd3.main(argv(models, data, out, "cfg", 2, "--student", "distillcfg", "--preview-every", "0",
+                        "--w-min", "3", "--w-max", "9"))
+    student = load_student(str(out / "student"))
     state = checkpoint.load(out / "checkpoint.pt")["student"]
-    assert torch.equal(H.linear_2.weight, state["H.linear_2.weight"])
-    assert H.linear_2.weight.abs().sum() > 0  # trained away from its zero init
+    assert student.kind == "distillcfg" and student.w_range == (3.0, 9.0)
+    assert torch.equal(student.H.linear_2.weight, state["H.linear_2.weight"])
+    assert student.H.linear_2.weight.abs().sum() > 0  # trained away from its zero init
 
 
 def test_random_init_tiny_runs_without_data(tmp_path):
@@ -176,6 +179,8 @@ def test_bad_input(models, data, tmp_path, capsys):
     train_sd3.main(argv(models, data, tmp_path / "c", "cfg", 1, "--preview-every", "0"))
     msg = error_of(argv(models, data, tmp_path / "c", "cfg", 2, "--resume", "--lr", "1e-4"), capsys)
     assert "holds a run with --lr 5e-06, this one asks for 0.0001" in msg
+    assert "--preview-w 20 must lie in [--w-min, --w-max] = [2, 14]" in error_of(
+        argv(models, data, tmp_path / "d", "cfg", 1, "--preview-w", "20"), capsys)
 
 
 def test_undecodable_image_is_skipped_and_counted(models, tmp_path, capsys):

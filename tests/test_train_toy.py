@@ -47,12 +47,20 @@ def test_whole_run_then_cached_then_refused(tmp_path, monkeypatch):
     monkeypatch.setitem(train_toy.PRESETS, "smoke", TINY)
     out = str(tmp_path / "run")
     train_toy.main(["--data", "shapes", "--device", "cpu", "--out", out])
-    for name in ("report.md", "grid_w.png", "teacher.pt", "students_w2sd.pt", "sweep.pt"):
+    cached = ("teacher.pt", "students_w2sd.pt", "sweep.pt", "negative.pt", "fidelity.pt",
+              "scores/teacher_euler_cfg_w_ramp_2_8.pt")
+    for name in ("report.md", "grid_w.png", "fidelity.png", "losses.png", "colour_w.png") + cached:
         assert os.path.exists(os.path.join(out, name)), name
     report = open(os.path.join(out, "report.md")).read()
     assert report.count("\n| ") >= 2 + len(train_toy.STUDENTS) + 5  # header rows, 5 teachers, students
-    stamp = os.path.getmtime(os.path.join(out, "teacher.pt"))
+    for section in ("Guidance schedule against the constant w = 5, at equal cost", "Negative prompts",
+                    "Fidelity: each student's velocity error", "Colour across w", "Loss curves of every training stage"):
+        assert f"\n## {section}" in report, section
+    # every stage's loss curve is drawn: evaluator, teacher, and the students of 3 teacher samplers
+    assert report.count("| students from ") == len(train_toy.STUDENTS)
+    assert "| evaluator (cross-entropy) | evaluator |" in report and "| teacher (flow matching) | teacher |" in report
+    stamps = {name: os.path.getmtime(os.path.join(out, name)) for name in cached}
     train_toy.main(["--data", "shapes", "--device", "cpu", "--out", out])  # every stage cached
-    assert os.path.getmtime(os.path.join(out, "teacher.pt")) == stamp
+    assert {name: os.path.getmtime(os.path.join(out, name)) for name in cached} == stamps
     with pytest.raises(SystemExit, match="another --data, --preset or --seed"):
         train_toy.main(["--data", "shapes", "--device", "cpu", "--out", out, "--seed", "1"])

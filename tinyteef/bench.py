@@ -5,7 +5,8 @@
 
 Weights are random (timing does not depend on them), so no download is needed. The table it
 prints is what the paper's "Cost" column measures: the student is Euler with one pass per step,
-Euler+CFG two, Z-Sampling+CFG and W2SD+CFG up to six.
+Euler+CFG two, Z-Sampling+CFG and W2SD+CFG up to six. `Meter` counts and times the passes of a
+net inside a longer computation (train_sd3.py's teacher).
 """
 
 import argparse
@@ -18,6 +19,37 @@ from .flow import time_grid
 from .guidance import Student, Text
 from .mmdit import MMDiT, MMDiTConfig
 from . import samplers
+
+class Meter:
+    """Wraps a frozen net: counts the rows it evaluates and times its calls (CUDA events on a
+    GPU, so nothing waits), to split a step's time between the teacher's target and the
+    student's forward and backward."""
+
+    def __init__(self, net):
+        self.net, self.rows, self.events, self.cpu_seconds = net, 0, [], 0.0
+
+    def __call__(self, x, *args, **kwargs):
+        self.rows += x.shape[0]
+        if not x.is_cuda:
+            start = time.perf_counter()
+            v = self.net(x, *args, **kwargs)
+            self.cpu_seconds += time.perf_counter() - start
+            return v
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        v = self.net(x, *args, **kwargs)
+        end.record()
+        self.events.append((start, end))
+        return v
+
+    def take(self):
+        """(rows, seconds) since the last take."""
+        if self.events:
+            torch.cuda.synchronize()
+        seconds = self.cpu_seconds + sum(s.elapsed_time(e) for s, e in self.events) / 1000
+        rows, self.rows, self.events, self.cpu_seconds = self.rows, 0, [], 0.0
+        return rows, seconds
+
 
 SIZES = {
     "tiny": dict(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=4,

@@ -18,10 +18,9 @@ G(psi(w)) ablation on the same W2SD+CFG targets).
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F_
 
 from .flow import interpolate, next_t, sample_t_logit_normal
-from .guidance import Student, Text, guided_velocity
+from .guidance import PAPER_W_RANGE, Student, Text, guided_velocity
 from .samplers import reflect
 
 TEACHERS = ("cfg", "zsampling", "w2sd")
@@ -31,8 +30,8 @@ REFLECTION_TARGETS = ("reach", "refined")
 @dataclass
 class DistillConfig:
     teacher: str = "w2sd"  # the teacher's sampler: cfg | zsampling | w2sd
-    w_min: float = 2.0  # w ~ U[w_min, w_max], paper's convention (Sec. 6.1: [2, 14])
-    w_max: float = 14.0
+    w_min: float = PAPER_W_RANGE[0]  # w ~ U[w_min, w_max], paper's convention (Sec. 6.1: [2, 14])
+    w_max: float = PAPER_W_RANGE[1]
     w_inv: float = -1.0  # Z-Sampling's inversion guidance (paper's w; -1 = unconditional)
     w_weak: float | None = 0.0  # W2SD's weak-model guidance (paper's w; 0 = conditional only; None = w)
     sample_steps: int = 28  # the grid the student will sample with: sets the reflection step
@@ -92,11 +91,16 @@ def teacher_target(teacher, x_t, t, w, c: Text, u: Text, cfg: DistillConfig, wea
     return (x_next - x_t) / dt
 
 
-def student_loss(student: Student, x_t, t, w, c: Text, u: Text, target):
+def student_loss(student: Student, x_t, t, w, c: Text, u: Text, target, per_sample=False):
     """Alg. 1 lines 12-13: the student's one-pass velocity with z^ (Eq. 7, or a baseline's term)
     against the teacher's target, mean squared error in float32. `student` may be a DDP wrapper of
-    a guidance.Student: the call runs its forward, term included."""
-    return F_.mse_loss(student(x_t, t, c, u, w).float(), target.float())
+    a guidance.Student: the call runs its forward, term included.
+
+    per_sample=True returns the error of each sample, (B,), instead of the batch's mean: to
+    evaluate the loss at chosen points (t, w) batched together. Their mean is the same loss.
+    """
+    error = (student(x_t, t, c, u, w).float() - target.float()).square()  # (B, C, H, W)
+    return error.flatten(1).mean(dim=1) if per_sample else error.mean()
 
 
 def distill_step(students, teacher, x0, c: Text, u: Text, cfg: DistillConfig, weak=None,

@@ -7,6 +7,11 @@ Convention: `w` is the paper's guidance weight, v = (1 + w) v(c) - w v(∅). dif
 
 A "net" is anything called as net(x, t, tokens, pooled, extra=None) -> v: an MMDiT or the pass
 counter of samplers.py. The students' terms read G and F from the model itself.
+
+Negative prompts: wherever ∅ (`u`) appears below, a negative prompt's encoding may take its place.
+CFG then pushes away from it, (1 + w) v(c) - w v(neg), and the student's term becomes
+G(psi(w)) ⊙ F(pooled(c) - pooled(neg)) while the attention still sees c's tokens only. The paper's
+students were distilled with ∅ alone, so for them this is an experiment (see the README's toy result).
 """
 
 from dataclasses import dataclass
@@ -25,10 +30,13 @@ TEEFUSION_DIVISOR = 256.0
 
 STUDENT_KINDS = ("teefusion", "distillcfg", "gpsi_ablation")
 
+PAPER_W_RANGE = (2.0, 14.0)  # Alg. 1 draws w ~ U[2, 14] (Sec. 6.1): the range a student knows
+
 
 @dataclass
 class Text:
-    """A text condition in SD3's two parts: c (a prompt) or ∅ (the empty prompt)."""
+    """A text condition in SD3's two parts: c (a prompt), ∅ (the empty prompt), or a negative prompt
+    used in ∅'s place."""
 
     tokens: torch.Tensor  # (B, L, joint_attention_dim), what the joint attention sees
     pooled: torch.Tensor  # (B, pooled_projection_dim), what drives adaLN through F
@@ -51,6 +59,7 @@ def cfg(v_c, v_u, w):
 
 def guided_velocity(net, x, t, c: Text, u: Text, w):
     """Eq. 2 with a model: the conditional and unconditional passes run as one batch of 2B.
+    u is ∅, or a negative prompt in its place.
 
     When w is the number 0 the result is v(c) alone, and when it is -1 it is v(∅) alone
     (diffusers' guidance scale 1 and 0, W2SD's weak and Z-Sampling's inversion defaults): then
@@ -85,6 +94,8 @@ def teefusion_term(model, w, c: Text, u: Text, divisor=TEEFUSION_DIVISOR):
     - F is the model's own pooled-text MLP, applied to the difference of the pooled vectors
       (difference first, then F: "c - ∅ is computed after projection to the text embedding
       space" means F's input space, the pooled vector);
+    - with a negative prompt as u, F's input is pooled(c) - pooled(neg) (the authors' pipeline takes
+      the difference with whatever its negative prompt encodes, "" by default);
     - the divisor is 256 in the authors' SD3 code (TEEFUSION_DIVISOR) and absent (1) in the
       paper's Eq. 7. It sets the term's size next to z = G(psi(t)) + F(c), which depends on the
       model: see the toy's README section for what 256 does to a small model.
@@ -121,19 +132,38 @@ class Student(nn.Module):
     """A one-pass student and how the guidance weight w enters its conditioning z (METHOD §4-5).
 
     kind: "teefusion" (Eq. 7), "distillcfg" (H(psi(w)), H a new MLP, given as `H`) or
-    "gpsi_ablation" (G(psi(w)), Table 3). `divisor` scales the TeEFusion term.
+    "gpsi_ablation" (G(psi(w)), Table 3). `divisor` scales the TeEFusion term. `w_range`: the
+    [w_min, w_max] of Alg. 1 it was distilled on (default the paper's), which sampling keeps to.
     A module holding the model and H, so that one DDP wrapper around it sees every trained
     parameter, those used by the term included, inside its forward.
     """
 
     def __init__(self, model: nn.Module, kind="teefusion", H: nn.Module | None = None,
-                 divisor=TEEFUSION_DIVISOR):
+                 divisor=TEEFUSION_DIVISOR, w_range=PAPER_W_RANGE):
         super().__init__()
         if kind not in STUDENT_KINDS:
             raise ValueError(f"unknown student kind {kind!r}; choose one of {', '.join(STUDENT_KINDS)}")
         if kind == "distillcfg" and H is None:
             raise ValueError("a distillcfg student needs its guidance MLP H (guidance.DistillCFG)")
-        self.model, self.kind, self.H, self.divisor = model, kind, H, divisor
+        if not w_range[0] <= w_range[1]:
+            raise ValueError(f"w_range must be (w_min, w_max) with w_min <= w_max, got {tuple(w_range)}")
+        self.model, self.kind, self.H, self.divisor, self.w_range = model, kind, H, divisor, tuple(w_range)
+
+    def check_w(self, w):
+        """Refuse a guidance weight (a number or a (B,) tensor) outside the trained w_range.
+
+        We refuse rather than clamp: clamping would sample at another w than the one asked for,
+        silently. Outside the range the term is a function of w that training never fitted, and
+        w = 0 in particular is not "no guidance" for a student: G(psi(0)) (and H(psi(0))) is not
+        zero, so the term still moves z. A schedule for a student must stay inside the range.
+        """
+        lo, hi = self.w_range
+        values = w.flatten().tolist() if torch.is_tensor(w) else [float(w)]
+        bad = [v for v in values if not lo <= v <= hi]
+        if bad:
+            raise ValueError(f"w = {bad[0]:g} is outside [{lo:g}, {hi:g}], the range this student was distilled "
+                             f"on; w = 0 is not 'no guidance' for a student (G(psi(0)) is not zero, so its term "
+                             f"still acts): keep every step's w inside, e.g. a Ramp, not an Interval")
 
     def term(self, w, c: Text, u: Text):
         """The vector this student adds to z. (B or 1, D)."""

@@ -13,6 +13,17 @@ Passes are counted per image where they happen (a call on 2B rows for B images c
 that a guidance weight makes unnecessary (w = 0 or -1, see guidance.guided_velocity) shows as
 `skipped` = nominal - made.
 
+Every guidance weight (w, w_inv, w_weak) is a w spec of schedules.py: a constant, or one value per
+step (a list, a Ramp, an Interval); `schedules.per_step` resolves it, and step i uses entry i.
+Steps outside a guidance interval run at w = 0: one pass for a teacher. A student refuses any w
+outside the range it was distilled on (guidance.Student.check_w).
+
+`u` is the empty prompt ∅, or a negative prompt's encoding in its place: the CFG samplers then
+guide away from it, naive fusion moves c away from it, and the student's Eq. 7 term becomes
+G(psi(w)) ⊙ F(pooled(c) - pooled(neg)) (its attention still sees c's tokens only). Z-Sampling's
+default inversion (w_inv = -1) then uses v(neg) alone, as a diffusers pipeline at guidance scale 0
+would.
+
 References: Bai et al. 2025, "Zigzag Diffusion Sampling" (Z-Sampling, ICLR 2025); Bai et al. 2025,
 "Weak-to-Strong Diffusion with Reflection" (W2SD).
 """
@@ -24,6 +35,7 @@ from tqdm.auto import tqdm
 
 from .flow import euler_invert, euler_step
 from .guidance import Student, Text, guided_velocity, naive_fusion
+from .schedules import per_step
 
 
 @dataclass
@@ -63,8 +75,9 @@ def sample_loop(x, ts, step, progress=False):
 
 
 def euler_sampler(velocity):
-    """Plain Euler steps on a velocity function v(x, t) (METHOD §0)."""
-    return lambda x, t, t_next, i: euler_step(x, velocity(x, t), t, t_next)
+    """Plain Euler steps on a velocity function v(x, t, i) (METHOD §0); i, the step's index, picks
+    that step's guidance weight."""
+    return lambda x, t, t_next, i: euler_step(x, velocity(x, t, i), t, t_next)
 
 
 def reflect(x, t, t_next, v_strong, v_weak):
@@ -83,11 +96,13 @@ def reflect(x, t, t_next, v_strong, v_weak):
 
 
 def reflection_sampler(v_strong, v_weak, reflect_steps):
-    """Reflect (Eq. 3-4) on the first `reflect_steps` steps, plain Euler on v_strong after."""
+    """Reflect (Eq. 3-4) on the first `reflect_steps` steps, plain Euler on v_strong after.
+    v_strong and v_weak are v(x, t, i), i the step's index (for per-step guidance weights)."""
     def step(x, t, t_next, i):
+        strong = lambda y, s: v_strong(y, s, i)
         if i < reflect_steps:
-            return reflect(x, t, t_next, v_strong, v_weak)[1]
-        return euler_step(x, v_strong(x, t), t, t_next)
+            return reflect(x, t, t_next, strong, lambda y, s: v_weak(y, s, i))[1]
+        return euler_step(x, strong(x, t), t, t_next)
     return step
 
 
@@ -105,31 +120,37 @@ def _run(nets, x, ts, step_of, nominal_per_step, progress):
 def euler(model, x, ts, c: Text, progress=False):
     """No guidance: v(x, c), one pass per step."""
     return _run([model], x, ts, lambda net: euler_sampler(
-        lambda y, t: net(y, t, c.tokens, c.pooled)),
+        lambda y, t, i: net(y, t, c.tokens, c.pooled)),
         len(ts) - 1, progress)
 
 
 @torch.no_grad()
 def euler_cfg(model, x, ts, c: Text, u: Text, w, progress=False):
-    """Euler + CFG (Eq. 2): two passes per step, batched into one call."""
+    """Euler + CFG (Eq. 2): two passes per step, batched into one call; one where w_i = 0."""
+    ws = per_step(w, ts)
     return _run([model], x, ts, lambda net: euler_sampler(
-        lambda y, t: guided_velocity(net, y, t, c, u, w)), 2 * (len(ts) - 1), progress)
+        lambda y, t, i: guided_velocity(net, y, t, c, u, ws[i])), 2 * (len(ts) - 1), progress)
 
 
 @torch.no_grad()
 def naive(model, x, ts, c: Text, u: Text, w, progress=False):
-    """Naive fusion (Eq. 5): one pass of the undistilled model on c^ = c + w (c - ∅)."""
-    fused = naive_fusion(c, u, w)
-    return euler(model, x, ts, fused, progress)
+    """Naive fusion (Eq. 5): one pass of the undistilled model on c^ = c + w (c - ∅), fused once
+    for a constant w, once per step for a schedule."""
+    fused = per_step(w, ts, lambda v: naive_fusion(c, u, v))
+    return _run([model], x, ts, lambda net: euler_sampler(
+        lambda y, t, i: net(y, t, fused[i].tokens, fused[i].pooled)), len(ts) - 1, progress)
 
 
 @torch.no_grad()
 def student(s: Student, x, ts, c: Text, u: Text, w, progress=False):
     """A distilled student (guidance.Student): plain Euler, one pass per step, guidance w in z.
-    Its term depends on w, c and ∅ only, not on x or t, so it is computed once for all steps."""
-    extra = s.term(w, c, u)
+    Its term depends on w, c and ∅ only, not on x or t, so it is computed once for a constant w
+    and once per step for a schedule. Every step's w must lie in the student's trained range."""
+    for v in per_step(w, ts):
+        s.check_w(v)
+    extras = per_step(w, ts, lambda v: s.term(v, c, u))  # N tensors (B or 1, D)
     return _run([s.model], x, ts, lambda net: euler_sampler(
-        lambda y, t: net(y, t, c.tokens, c.pooled, extra)), len(ts) - 1, progress)
+        lambda y, t, i: net(y, t, c.tokens, c.pooled, extras[i])), len(ts) - 1, progress)
 
 
 def _reflection_nominal(ts, reflect_steps):
@@ -146,9 +167,10 @@ def z_sampling(model, x, ts, c: Text, u: Text, w, w_inv=-1.0, reflect_steps=None
     of a reflected step is skipped. Reflects on the first `reflect_steps` steps (default: all but
     the last)."""
     reflect_steps = len(ts) - 2 if reflect_steps is None else reflect_steps
-    return _run([model, model], x, ts, lambda s, i: reflection_sampler(
-        lambda y, t: guided_velocity(s, y, t, c, u, w),
-        lambda y, t: guided_velocity(i, y, t, c, u, w_inv), reflect_steps),
+    ws, ws_inv = per_step(w, ts), per_step(w_inv, ts)
+    return _run([model, model], x, ts, lambda s, inv: reflection_sampler(
+        lambda y, t, i: guided_velocity(s, y, t, c, u, ws[i]),
+        lambda y, t, i: guided_velocity(inv, y, t, c, u, ws_inv[i]), reflect_steps),
         _reflection_nominal(ts, reflect_steps), progress)
 
 
@@ -160,8 +182,9 @@ def w2sd(strong, weak, x, ts, c: Text, u: Text, w, w_weak=0.0, reflect_steps=Non
     w_weak = None inverts at the strong guidance w itself (CFG on all three passes).
     Reflects on the first `reflect_steps` steps (default: all but the last)."""
     reflect_steps = len(ts) - 2 if reflect_steps is None else reflect_steps
-    w_weak = w if w_weak is None else w_weak
+    ws = per_step(w, ts)
+    ws_weak = ws if w_weak is None else per_step(w_weak, ts)
     return _run([strong, weak], x, ts, lambda s, k: reflection_sampler(
-        lambda y, t: guided_velocity(s, y, t, c, u, w),
-        lambda y, t: guided_velocity(k, y, t, c, u, w_weak), reflect_steps),
+        lambda y, t, i: guided_velocity(s, y, t, c, u, ws[i]),
+        lambda y, t, i: guided_velocity(k, y, t, c, u, ws_weak[i]), reflect_steps),
         _reflection_nominal(ts, reflect_steps), progress)

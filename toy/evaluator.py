@@ -72,7 +72,8 @@ def train_evaluator(data, steps=2000, batch_size=256, lr=2e-3, device="cpu", see
     against 91.5 %, 2000 steps), and flips would swap the shapes dataset's left and right.
 
     Returns the model in eval mode on `device` and {"accuracy": fraction of test images with every
-    attribute right, "accuracy_per_attribute": [fraction right, per attribute]}.
+    attribute right, "accuracy_per_attribute": [fraction right, per attribute], "losses": [(step,
+    training loss) every 10 steps], the loss curve}.
     """
     device = torch.device(device)
     torch.manual_seed(seed)
@@ -82,7 +83,8 @@ def train_evaluator(data, steps=2000, batch_size=256, lr=2e-3, device="cpu", see
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup))
     model.train()
-    for _ in tqdm(range(steps), desc="evaluator", disable=not progress):
+    losses = []
+    for step in tqdm(range(steps), desc="evaluator", disable=not progress):
         idx = torch.randint(len(data.train_x), (batch_size,), generator=generator)  # (B,)
         x = _to_float(data.train_x[idx].to(device))  # (B, C, 32, 32)
         y = data.train_y[idx].to(device)  # (B, A)
@@ -91,10 +93,12 @@ def train_evaluator(data, steps=2000, batch_size=256, lr=2e-3, device="cpu", see
         loss.backward()
         opt.step()
         sched.step()
+        if step % 10 == 0:
+            losses.append((step, loss.item()))
     model.eval()
     right = predict(model, data.test_x) == data.test_y  # (M, A)
     return model, {"accuracy": right.all(dim=1).float().mean().item(),
-                   "accuracy_per_attribute": right.float().mean(dim=0).tolist()}
+                   "accuracy_per_attribute": right.float().mean(dim=0).tolist(), "losses": losses}
 
 
 def _batches(evaluator, x, batch_size):

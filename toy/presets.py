@@ -38,7 +38,7 @@ class Preset:
 
 
 PRESETS = {
-    # every stage, tiny, on a CPU in about a minute (CI runs it)
+    # every stage, tiny, on a CPU in about 75 s on 2 cores (CI runs it)
     "smoke": Preset(limit=(1000, 200), eval_steps=40, width=64, layers=2, text_width=32, text_layers=1,
                     teacher_steps=120, batch=32, lr=1e-3, sample_steps=4, n_eval=64, distill_steps=20,
                     distill_batch=16, distill_lr=1e-4, sweep=(2.0, 8.0, 14.0), save_every=50, time_batch=32),
@@ -47,7 +47,8 @@ PRESETS = {
                     teacher_steps=1500, batch=256, lr=3e-4, sample_steps=16, n_eval=500, distill_steps=200,
                     distill_batch=128, distill_lr=1e-4, sweep=(2.0, 5.0, 8.0, 11.0, 14.0), save_every=500,
                     time_batch=500),
-    # the README's figures, on one H100: shapes took about 11 minutes with 2,000 scored images and 5 students
+    # the README's figures, on one H100: shapes took about 11 minutes with 2,000 scored images and 5
+    # students, before the schedule, negative-prompt and fidelity stages existed
     "full": Preset(limit=None, eval_steps=1500, width=256, layers=6, text_width=128, text_layers=2,
                    teacher_steps=3500, batch=256, lr=3e-4, sample_steps=32, n_eval=1000, distill_steps=500,
                    distill_batch=128, distill_lr=1e-4, sweep=(2.0, 4.0, 6.0, 8.0, 11.0, 14.0), save_every=250,

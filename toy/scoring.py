@@ -8,6 +8,7 @@ from tinyteef.bench import timed
 from tinyteef.flow import time_grid
 from tinyteef.guidance import Text
 
+from .colour import colour_stats
 from .evaluator import features, frechet_distance, prompt_accuracy
 
 
@@ -62,9 +63,12 @@ class Scorer:
         return 1000 * timed(one_batch, self.device, repeats)[0] / B
 
     def score(self, method, n=None, timing=True):
+        """Prompt accuracy, Fréchet distance, colour statistics and passes per step (made and
+        nominal) of the method's samples, and with `timing` its ms per image. Returns (row, samples)."""
         x, s = self.generate(method, n)
         r = {"accuracy": prompt_accuracy(self.evaluator, x, self.y[: len(x)]),
-             "fd": frechet_distance(features(self.evaluator, x), self.real)}
+             "fd": frechet_distance(features(self.evaluator, x), self.real), "colour": colour_stats(x),
+             "passes": s.passes / s.steps, "nominal": s.nominal / s.steps}
         if timing:
-            r.update(passes=s.passes / s.steps, nominal=s.nominal / s.steps, ms=self.ms_per_image(method))
+            r["ms"] = self.ms_per_image(method)
         return r, x

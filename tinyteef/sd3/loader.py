@@ -15,7 +15,7 @@ from dataclasses import asdict, fields
 
 import torch
 
-from ..guidance import DistillCFG
+from ..guidance import PAPER_W_RANGE, TEEFUSION_DIVISOR, DistillCFG, Student
 from ..mmdit import MMDiT, MMDiTConfig
 from ..safetensors import load_file, load_sharded, read_header, save_file
 from .clip import CLIPConfig, CLIPTextEncoder
@@ -23,6 +23,7 @@ from .t5 import T5Config, T5Encoder
 from .vae import VAE, VAEConfig
 
 GUIDANCE_PREFIX = "guidance_in."  # DistillCFG's H in the authors' checkpoints (METHOD §5)
+STUDENT_RECORD = "tinyteef"  # train_sd3.py's record in a student's config.json: kind, divisor, w range
 DIFFUSERS_VERSION = "0.29.0.dev0"  # the version that SD3-medium's config files record
 PIPELINE_PARTS = ("scheduler", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
                   "tokenizer", "tokenizer_2", "tokenizer_3")  # every folder but transformer/
@@ -119,6 +120,19 @@ def load_transformer(model_dir, device="cpu", dtype=None):
     if H_state:
         H = load_state(DistillCFG(cfg.hidden_size), H_state, folder + " (guidance_in)").to(device, dtype)
     return model, H
+
+
+def load_student(model_dir, device="cpu", dtype=None, divisor=None):
+    """A distilled student (guidance.Student) from `model_dir/transformer`. Ours carry a record
+    under "tinyteef" in config.json (train_sd3.py: student kind, Eq. 7 divisor, the w range it was
+    distilled on); without one (the authors' released student) it is TeEFusion with divisor 256 and
+    the paper's w range, or DistillCFG when the weights hold guidance_in. `divisor`, if given,
+    overrides the record."""
+    model, H = load_transformer(model_dir, device, dtype)
+    record = (read_config(os.path.join(model_dir, "transformer")) or {}).get(STUDENT_RECORD, {})
+    kind = record.get("student_kind", "distillcfg" if H is not None else "teefusion")
+    divisor = record.get("teefusion_divisor", TEEFUSION_DIVISOR) if divisor is None else divisor
+    return Student(model, kind, H, divisor, tuple(record.get("w_range", PAPER_W_RANGE)))
 
 
 def load_vae(model_dir, device="cpu", dtype=None):

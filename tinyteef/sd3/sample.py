@@ -3,6 +3,7 @@
     python -m tinyteef.sd3.sample --model DIR --prompt "a cat" --sampler cfg --w 5 --out cat.png
     python -m tinyteef.sd3.sample --model STUDENT_DIR --prompt "a cat" --sampler teefusion --w 5
     python -m tinyteef.sd3.sample --model DIR --weak-model WEAK_DIR --sampler w2sd --prompt "a cat"
+    python -m tinyteef.sd3.sample --model DIR --prompt "a cat" --negative-prompt "blurry" --sampler cfg
 
 --w is the paper's guidance weight (diffusers' guidance_scale minus 1). The model runs in bf16 on a
 GPU and in float32 on the CPU; the latent and the Euler updates stay float32, on SD3's time grid
@@ -17,8 +18,8 @@ from torchvision.utils import save_image
 
 from .. import samplers
 from ..flow import shift, time_grid
-from ..guidance import TEEFUSION_DIVISOR, Student
-from .loader import load_transformer, load_vae
+from ..guidance import TEEFUSION_DIVISOR
+from .loader import load_student, load_transformer, load_vae
 from .prompt import TextEncoders
 
 SAMPLERS = ("euler", "cfg", "naive", "zsampling", "w2sd", "teefusion")
@@ -31,7 +32,11 @@ def parse_args(argv=None):
     p.add_argument("--prompt", required=True)
     p.add_argument("--sampler", choices=SAMPLERS, default="cfg",
                    help="euler (no guidance), cfg, naive (Eq. 5), zsampling, w2sd (teachers); "
-                        "teefusion (a distilled student, one pass per step)")
+                        "teefusion (a distilled student, one pass per step: TeEFusion, or the kind "
+                        "train_sd3.py recorded in its config.json)")
+    p.add_argument("--negative-prompt", default="",
+                   help="text to guide away from, encoded in place of the empty prompt ∅ (default: ∅). "
+                        "teefusion takes it as F(pooled(c) - pooled(neg)); its student was distilled with ∅ only")
     p.add_argument("--w", type=float, default=5.0, help="guidance weight, paper's convention (default 5)")
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--shift", type=float, default=3.0, help="time shift of the grid (SD3: 3)")
@@ -40,8 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weak-model", default=None,
                    help="W2SD's weak model: a folder with a weaker transformer of the same architecture")
-    p.add_argument("--teefusion-divisor", type=float, default=TEEFUSION_DIVISOR,
-                   help="divisor of the Eq. 7 term (the authors' released student: 256)")
+    p.add_argument("--teefusion-divisor", type=float, default=None,
+                   help="divisor of the Eq. 7 term (default: the student's record, else "
+                        f"{TEEFUSION_DIVISOR:g} as in the authors' released student)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="sample.png", help="output PNG")
     args = p.parse_args(argv)
@@ -49,6 +55,9 @@ def parse_args(argv=None):
         p.error("--sampler w2sd needs --weak-model DIR: a weaker model of the same architecture that inverts "
                 "each step (Eq. 3), e.g. an earlier or less trained checkpoint; or use --sampler zsampling, "
                 "which reflects with the model itself")
+    if args.negative_prompt and args.sampler == "euler":
+        p.error("--negative-prompt needs a guided sampler (cfg, naive, zsampling, w2sd, teefusion): "
+                "euler runs without guidance and never uses ∅")
     if args.height % 16 or args.width % 16:
         p.error(f"--height and --width must be multiples of 16 (got {args.height}x{args.width})")
     for flag, folder in (("--model", args.model), ("--weak-model", args.weak_model)):
@@ -58,7 +67,8 @@ def parse_args(argv=None):
 
 
 def run(model, x, ts, c, u, args, weak=None):
-    """One sampler of SAMPLERS on the latent x. Returns samplers.Samples."""
+    """One sampler of SAMPLERS on the latent x; for teefusion `model` is a guidance.Student.
+    Returns samplers.Samples."""
     w = args.w
     if args.sampler == "euler":
         return samplers.euler(model, x, ts, c, progress=True)
@@ -70,7 +80,7 @@ def run(model, x, ts, c, u, args, weak=None):
         return samplers.z_sampling(model, x, ts, c, u, w, progress=True)
     if args.sampler == "w2sd":
         return samplers.w2sd(model, weak, x, ts, c, u, w, progress=True)
-    return samplers.student(Student(model, divisor=args.teefusion_divisor), x, ts, c, u, w, progress=True)
+    return samplers.student(model, x, ts, c, u, w, progress=True)
 
 
 def main(argv=None):
@@ -78,12 +88,20 @@ def main(argv=None):
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     encoders = TextEncoders.load(args.model, device, dtype)
-    c, u = encoders([args.prompt]), encoders([""])
+    c, u = encoders([args.prompt]), encoders([args.negative_prompt])  # u: ∅, or the negative prompt
     del encoders  # the text encoders are not needed any more (T5-XXL alone is 9 GB in bf16)
-    model, _ = load_transformer(args.model, device, dtype)
+    if args.sampler == "teefusion":
+        model = load_student(args.model, device, dtype, args.teefusion_divisor)
+        try:
+            model.check_w(args.w)
+        except ValueError as e:
+            raise SystemExit(f"error: --w: {e}")
+    else:
+        model, _ = load_transformer(args.model, device, dtype)
     weak = load_transformer(args.weak_model, device, dtype)[0] if args.sampler == "w2sd" else None
     g = torch.Generator(device).manual_seed(args.seed)
-    x = torch.randn(1, model.config.in_channels, args.height // 8, args.width // 8, generator=g, device=device)
+    config = (model.model if args.sampler == "teefusion" else model).config
+    x = torch.randn(1, config.in_channels, args.height // 8, args.width // 8, generator=g, device=device)
     ts = time_grid(args.steps, args.shift, u_last=shift(SD3_T_MIN, args.shift)).to(device)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         s = run(model, x, ts, c, u, args, weak)
