@@ -358,8 +358,7 @@ def main(argv=None):
         return {"rows": rows}
     sweep = staged(os.path.join(out, "sweep.pt"), sweep_compute)
 
-    # stage 5: a ramp in t from w_min (noise) to 2 w - w_min (data), of mean w over t and inside the
-    # students' trained range, against the constant w at the same passes per step
+    # stage 5: a ramp from w_min (noise) to 2 w - w_min (data), mean w, against the constant w
     ramp = Ramp(P.w_min, 2 * P.w - P.w_min)
     ramp_name = f"w ramp {ramp.w_start:g} → {ramp.w_end:g}"
     pairs = {name: at(name) for name in ("Teacher Euler+CFG", "TeEFusion from Euler+CFG", "Teacher W2SD+CFG",
@@ -369,8 +368,7 @@ def main(argv=None):
     # stage 6: negative prompts, on the same samplers at the table's w
     negated = staged(os.path.join(out, "negative.pt"),
                      lambda: negative.measure(scorer, {name: make(P.w) for name, make in pairs.items()}))
-    # stage 7: every student's velocity error against its teacher's target over (w, t), on 64
-    # held-out images (8 in the smoke preset: the 64-cell grid costs ~20 passes per image and cell)
+    # stage 7: each student's error against its teacher's target over (w, t); 64 held-out images
     fid = staged(os.path.join(out, "fidelity.pt"), lambda: fidelity.measure(
         {name: (s, STUDENTS[name][0]) for name, s in students.items()}, teacher, weak, text, bank, data,
         {kind: distill_config(P, kind) for kind in ("cfg", "zsampling", "w2sd")}, min(P.distill_batch // 2, 64),
