@@ -169,6 +169,8 @@ def stage_cache(args, model_dir, rank, world, device):
             cache.write_empty(folder, encoders)
             cache.write_index(folder, items, skipped)
         del encoders, vae
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # hand the encoders' memory back before the models load
         barrier(world)
     data = cache.CachedData(folder)
     log0(rank, f"data: {len(data)} images cached in {folder}"
@@ -282,16 +284,16 @@ def main(argv=None):
             write_tiny_sd3(os.path.join(out, "random-init", "weak"), seed=args.seed + 1)
         barrier(world)
         args.weak_model = args.weak_model or os.path.join(out, "random-init", "weak")
-    teacher, weak, student = load_models(args, model_dir, device)
-    cfg_ = teacher.config
-    if args.data is not None:
+    if args.data is not None:  # stage 1 before the models are loaded: encoders and models never share the GPU
         try:
             data = stage_cache(args, model_dir, rank, world, device)
         except ValueError as e:
             raise SystemExit(f"error: {e}")
-    else:
-        data = cache.SyntheticData(args.synthetic_size, cfg_.in_channels, args.resolution, cfg_.pooled_projection_dim,
-                                   cfg_.joint_attention_dim, 77 + args.t5_length, args.seed)
+    teacher, weak, student = load_models(args, model_dir, device)
+    if args.data is None:
+        c_ = teacher.config
+        data = cache.SyntheticData(args.synthetic_size, c_.in_channels, args.resolution, c_.pooled_projection_dim,
+                                   c_.joint_attention_dim, 77 + args.t5_length, args.seed)
     vae = load_vae(model_dir, device).eval() if rank == 0 and args.data is not None else None
 
     cfg = DistillConfig(teacher=args.teacher, w_min=args.w_min, w_max=args.w_max, w_inv=args.w_inv,
