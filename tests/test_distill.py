@@ -11,6 +11,7 @@ from tinyteef.distill import DistillConfig, distill_step, sample_training_point,
 from tinyteef.flow import interpolate, sample_t_logit_normal, velocity_target
 from tinyteef.guidance import Student, Text, guided_velocity
 from tinyteef.mmdit import MMDiT, MMDiTConfig
+from tinyteef.samplers import Counter
 
 X = torch.arange(8.0).reshape(2, 1, 2, 2)
 T = torch.tensor([0.75, 0.75])
@@ -37,6 +38,16 @@ def test_reflection_targets_on_constant_fields():
     # "refined": the strong velocity at x~, which on a constant field is k
     cfg = DistillConfig(teacher="zsampling", reflection_target="refined", sample_steps=4, shift=3.0)
     assert torch.allclose(teacher_target(Field(), X, T, W, text(1.0), text(3.0), cfg)[:, 0, 0, 0], 1 - 2 * W)
+
+
+@pytest.mark.parametrize("target", ["reach", "refined"])
+def test_reflection_targets_cost_five_passes(target):
+    # Z-Sampling with w_inv = -1 (one pass): CFG at x_t (2 passes), the inversion (1), CFG at x~
+    # (2): for reach that is the second denoising, for refined the target itself. 5 per sample.
+    counter = Counter(Field(), len(X))
+    cfg = DistillConfig(teacher="zsampling", reflection_target=target, sample_steps=4, shift=3.0)
+    teacher_target(counter, X, T, W, text(1.0), text(3.0), cfg)
+    assert counter.passes == 5
 
 
 def test_w2sd_reach_target_on_linear_fields_by_hand():

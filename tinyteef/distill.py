@@ -21,7 +21,7 @@ import torch
 
 from .flow import interpolate, next_t, sample_t_logit_normal
 from .guidance import PAPER_W_RANGE, Student, Text, guided_velocity
-from .samplers import reflect
+from .samplers import reflect, reflected_point
 
 TEACHERS = ("cfg", "zsampling", "w2sd")
 REFLECTION_TARGETS = ("reach", "refined")
@@ -84,9 +84,9 @@ def teacher_target(teacher, x_t, t, w, c: Text, u: Text, cfg: DistillConfig, wea
     w_inv = w if w_inv is None else w_inv
     v_weak = lambda y, s: guided_velocity(inverter, y, s, c, u, w_inv)
     t_next = next_t(t, cfg.sample_steps, cfg.shift)  # (B,), < t
-    x_tilde, x_next = reflect(x_t, t, t_next, v_strong, v_weak)
-    if cfg.reflection_target == "refined":
-        return v_strong(x_tilde, t)
+    if cfg.reflection_target == "refined":  # Eq. 3 only: the second denoising is not needed
+        return v_strong(reflected_point(x_t, t, t_next, v_strong, v_weak), t)
+    _, x_next = reflect(x_t, t, t_next, v_strong, v_weak)
     dt = (t_next - t).reshape(-1, *([1] * (x_t.ndim - 1)))
     return (x_next - x_t) / dt
 

@@ -80,18 +80,23 @@ def euler_sampler(velocity):
     return lambda x, t, t_next, i: euler_step(x, velocity(x, t, i), t, t_next)
 
 
-def reflect(x, t, t_next, v_strong, v_weak):
-    """One step with reflection, Eq. 3-4, from t down to t_next (< t):
+def reflected_point(x, t, t_next, v_strong, v_weak):
+    """Eq. 3, the first half of a reflection step from t down to t_next (< t):
 
         x'  = x  + (t_next - t) v_strong(x, t)        denoise
-        x~  = x' + (t - t_next) v_weak(x', t_next)    invert (Eq. 3, M_w^inv)
-        x'' = x~ + (t_next - t) v_strong(x~, t)       denoise again (Eq. 4)
+        x~  = x' + (t - t_next) v_weak(x', t_next)    invert (M_w^inv)
 
-    Returns (x~, x''). The inversion evaluates the weak velocity at the less noisy point
-    (x', t_next): the exact Euler inversion for flow matching (flow.euler_invert).
+    Returns x~. The inversion evaluates the weak velocity at the less noisy point (x', t_next):
+    the exact Euler inversion for flow matching (flow.euler_invert).
     """
     x1 = euler_step(x, v_strong(x, t), t, t_next)
-    x_tilde = euler_invert(x1, v_weak(x1, t_next), t_next, t)
+    return euler_invert(x1, v_weak(x1, t_next), t_next, t)
+
+
+def reflect(x, t, t_next, v_strong, v_weak):
+    """One step with reflection, Eq. 3-4: x~ from Eq. 3 (reflected_point), then denoise again,
+    x'' = x~ + (t_next - t) v_strong(x~, t) (Eq. 4). Returns (x~, x'')."""
+    x_tilde = reflected_point(x, t, t_next, v_strong, v_weak)
     return x_tilde, euler_step(x_tilde, v_strong(x_tilde, t), t, t_next)
 
 
