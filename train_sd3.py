@@ -105,7 +105,8 @@ def parse_args(argv=None):
     if args.random_init is not None and args.model is not None:
         p.error("--random-init replaces --model; give one of them")
     if args.random_init == "sd3-medium" and args.data is not None:
-        p.error("--random-init sd3-medium builds no VAE or text encoders and trains on random tensors: leave out --data")
+        p.error("--random-init sd3-medium builds no VAE or text encoders and trains on random tensors: "
+                "leave out --data")
     if args.teacher == "w2sd" and args.weak_model is None and args.random_init is None:
         p.error("--teacher w2sd needs --weak-model DIR: W2SD reflects each step by inverting with a weak model "
                 "(Eq. 3), a weaker model of the same architecture, e.g. an earlier or less trained checkpoint "
@@ -271,10 +272,9 @@ def main(argv=None):
         raise SystemExit(f"error: {out} holds a checkpoint; pass --resume to continue it, or use another --out")
     if args.resume and not os.path.isfile(ckpt_path):
         raise SystemExit(f"error: --resume: {out} has no checkpoint.pt to continue")
-    if rank == 0:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(run, f, indent=1)
+    if rank == 0:  # atomically: the other processes may be reading it in run_config right now
+        text = json.dumps(run, indent=1).encode()
+        checkpoint.atomic_write(os.path.join(out, "config.json"), lambda f: f.write(text))
 
     model_dir = args.model
     if args.random_init == "tiny":

@@ -109,7 +109,8 @@ def torchrun(nproc, args):
            os.path.join(ROOT, "train_sd3.py"), *args]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if "Error" in line]  # every rank's, not only the last
+    assert r.returncode == 0, "\n".join(errors[:20]) + "\n...\n" + r.stderr[-2000:]
 
 
 def test_two_processes_give_the_losses_of_one(models, data, tmp_path):
