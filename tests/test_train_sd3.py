@@ -177,6 +177,12 @@ def test_bad_input(models, data, tmp_path, capsys):
     assert "2 image(s)" in msg and "have no caption" in msg and "metadata.jsonl" in msg
     msg = error_of(["--model", models[0], "--data", data, "--teacher", "w2sd"], capsys)
     assert msg.startswith("2 ") and "needs --weak-model DIR" in msg and "--teacher zsampling" in msg
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "x.png").write_bytes(b"not a png")
+    (broken / "x.txt").write_text("a cat")
+    assert "no image in the data folder could be decoded (1 skipped)" in error_of(
+        argv(models, str(broken), tmp_path / "e"), capsys)
     train_sd3.main(argv(models, data, tmp_path / "c", "cfg", 1, "--preview-every", "0"))
     msg = error_of(argv(models, data, tmp_path / "c", "cfg", 2, "--resume", "--lr", "1e-4"), capsys)
     assert "holds a run with --lr 5e-06, this one asks for 0.0001" in msg

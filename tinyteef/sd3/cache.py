@@ -103,7 +103,7 @@ class CachedData:
     def __init__(self, folder):
         with open(os.path.join(folder, "index.json")) as f:
             index = json.load(f)
-        self.folder, self.rows, self.captions, self.skipped = folder, index["rows"], index["captions"], index["skipped"]
+        self.folder, self.rows, self.skipped = folder, index["rows"], index["skipped"]
         if not self.rows:
             raise ValueError(f"no image in the data folder could be decoded ({len(self.skipped)} skipped)")
 
@@ -130,7 +130,6 @@ class SyntheticData:
         self.size, self.seed = size, seed
         self.shapes = {"x0": (channels, resolution // 8, resolution // 8), "tokens": (text_len, joint_dim),
                        "pooled": (pooled_dim,)}
-        self.captions, self.skipped = [f"random sample {r}" for r in range(size)], []
 
     def __len__(self):
         return self.size
