@@ -73,6 +73,15 @@ def test_guidance_scalar_is_not_rounded_in_bf16():
     assert not torch.equal(got, psi(torch.tensor([6016.0])).to(torch.bfloat16))
 
 
+def test_token_stream_is_contiguous():
+    # The residual stream keeps the layout of the patch embedding's output; a channels-first
+    # (B, N, D) view made every block copy before LayerNorm and ran 0.87x of diffusers' speed on an
+    # H100 at batch 4 (README). The stride check is independent of the values.
+    model = MMDiT(MMDiTConfig(**TINY))
+    tokens = model.pos_embed(torch.randn(3, 4, 8, 8))
+    assert tokens.shape == (3, 16, 16) and tokens.stride() == (16 * 16, 16, 1)
+
+
 def test_zero_initialised_blocks_are_identities():
     # adaLN-zero (DiT): with every gate at zero, a fresh block returns both streams unchanged
     model = MMDiT(MMDiTConfig(**TINY))
