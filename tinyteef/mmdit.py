@@ -348,18 +348,16 @@ class MMDiT(nn.Module):
         return torch.einsum("nhwpqc->nchpwq", xs).reshape(B, self.config.out_channels, H, W)
 
     def compile_blocks(self):
-        """Compile each transformer block in place (`nn.Module.compile`), for speed: fused kernels
-        replace the unfused elementwise ones (adaLN modulate, gates, residual adds, GELU, LayerNorm).
-        The first calls are slow while they compile. Returns self.
+        """Compile each transformer block in place (`nn.Module.compile`): fused kernels replace the
+        unfused elementwise ones (adaLN modulate, gates, residual adds, GELU, LayerNorm). The first
+        calls are slow while they compile. Returns self.
 
-        Regional, not `torch.compile(model)`: all blocks share the compiled code of
-        `JointBlock.forward`, so compiling is quick; `forward` still checkpoints each block; and the
-        module tree and state_dict keys stay unchanged (no `_orig_mod.` prefix), so checkpoints and
-        the diffusers export are not affected. Static shapes (a run's batch sizes are few and fixed):
-        one compiled entry per block kind (plain, last, MMDiT-X), batch size, grad mode and kind of
-        weights (dtype, trained or frozen), over all models. A training run with previews needs 12
-        for SD3 (train_sd3.py on the tiny SD3), past dynamo's default limit of 8, beyond which it
-        would warn once and run the rest eagerly: hence the raised limit."""
+        Regional, not `torch.compile(model)`: the blocks share one compiled `JointBlock.forward`,
+        `forward` still checkpoints each block, and the state_dict keys stay unchanged (no
+        `_orig_mod.`), so checkpoints and the diffusers export are unaffected. Static shapes: one
+        compiled entry per block kind, batch size, grad mode and kind of weights, over all models;
+        train_sd3.py with previews needs 12 on the tiny SD3, past dynamo's default limit of 8 (beyond
+        which the rest would run eagerly), hence the raised limit."""
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         for block in self.transformer_blocks:
             block.compile(dynamic=False)
