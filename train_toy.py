@@ -233,10 +233,8 @@ def stage_students(data, P, device, out, seed, teacher, weak, text, bank, kind):
         if os.path.exists(partial):
             state = checkpoint.load(partial)
             for s, o, st in zip(students, opts, state["students"]):
-                s.model.load_state_dict(st["model"])
+                s.load_state_dict(st["student"])  # the model and, for DistillCFG, H
                 o.load_state_dict(st["opt"])
-                if s.H is not None:
-                    s.H.load_state_dict(st["H"])
             g.set_state(state["rng"].to(torch.uint8))
         x_all, y_all = data.train_x.to(device), data.train_y.to(device)
         with torch.no_grad():
@@ -258,20 +256,14 @@ def stage_students(data, P, device, out, seed, teacher, weak, text, bank, kind):
                 bar.set_postfix(loss=" ".join(f"{v:.4f}" for v in losses))
             if (step + 1) % P.save_every == 0 and step + 1 < P.distill_steps:
                 checkpoint.save({"step": step + 1, "losses": state["losses"], "rng": g.get_state(), "students": [
-                    {"model": s.model.state_dict(), "opt": o.state_dict(),
-                     "H": s.H.state_dict() if s.H is not None else {}} for s, o in zip(students, opts)]}, partial)
-        checkpoint.save({"losses": state["losses"], "students": [
-            {"model": s.model.state_dict(), "H": s.H.state_dict() if s.H is not None else {}} for s in students]},
-            path)
+                    {"student": s.state_dict(), "opt": o.state_dict()} for s, o in zip(students, opts)]}, partial)
+        checkpoint.save({"losses": state["losses"], "students": [s.state_dict() for s in students]}, path)
         if os.path.exists(partial):
             os.remove(partial)
     result = checkpoint.load(path)
     for s, st in zip(students, result["students"]):
-        s.model.load_state_dict(st["model"])
-        s.model.requires_grad_(False).eval()
-        if s.H is not None:
-            s.H.load_state_dict(st["H"])
-            s.H.requires_grad_(False)
+        s.load_state_dict(st)
+        s.requires_grad_(False).eval()
     curves = {n: [(row[0], row[1 + k]) for row in result["losses"]] for k, n in enumerate(names)}
     return dict(zip(names, students)), curves
 
@@ -308,6 +300,12 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)  # only once the data is there: a failed start leaves nothing behind
     with open(cfg_path, "w") as f:
         json.dump(run, f, indent=1)
+    first_path = os.path.join(out, "started")  # when the first invocation began: the end-to-end time
+    if not os.path.exists(first_path):
+        with open(first_path, "w") as f:
+            f.write(str(started))
+    with open(first_path) as f:
+        first = float(f.read())
     evaluator, ev = stage_evaluator(data, P, device, out, args.seed)
     teacher, weak, text, tokenizer, teacher_losses = stage_teacher(data, P, device, out, args.seed)
     bank = PromptBank(data, tokenizer, device)
@@ -388,7 +386,8 @@ def main(argv=None):
                     f"w ~ U[{P.w_min}, {P.w_max}]",
         "sampling": f"{P.sample_steps} Euler steps, shift 1; scores over {P.n_eval} images "
                     f"(sweep: {max(P.n_eval // 2, 8)}); ms / image at batch {min(P.time_batch, P.n_eval)}",
-        "wall time of this invocation": f"{time.time() - started:.0f} s"},
+        "wall time": f"{time.time() - started:.0f} s this invocation, {time.time() - first:.0f} s "
+                     "since the first began (with any pause between invocations)"},
         "speed_line": f"Student (TeEFusion from W2SD+CFG) vs its W2SD+CFG teacher, same device and batch: "
                       f"{w2sd_ms / student_ms:.2f}x faster in wall time."}
     write_report(out, info, table, {"methods": list(sweep_methods), "rows": sweep["rows"]},

@@ -3,6 +3,8 @@ stages are not recomputed, and a folder of another configuration is refused."""
 
 import dataclasses
 import os
+import re
+import time
 
 import pytest
 import torch
@@ -43,6 +45,37 @@ def test_stopped_teacher_resumes_exactly(tmp_path, monkeypatch):
         assert torch.equal(a, b), name
 
 
+def test_stopped_students_resume_exactly(tmp_path, monkeypatch):
+    # W2SD's students include DistillCFG, whose H must come back from the checkpoint too
+    P = dataclasses.replace(TINY, distill_steps=6, save_every=3)
+    data = toydata.load("shapes", limit=P.limit)
+    dev = torch.device("cpu")
+    teacher, weak, text, tokenizer, _ = train_toy.stage_teacher(data, P, dev, str(tmp_path / "t"), 0)
+    bank = train_toy.PromptBank(data, tokenizer, dev)
+    args = (data, P, dev)
+    run = lambda out: train_toy.stage_students(*args, str(out), 0, teacher, weak, text, bank, "w2sd")[0]
+    whole = run(tmp_path / "whole")
+
+    calls = {"n": 0}
+    step = train_toy.distill_step
+
+    def stop_at_step_5(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:  # after the checkpoint of step 3, before the end
+            raise Stop
+        return step(*a, **k)
+    monkeypatch.setattr(train_toy, "distill_step", stop_at_step_5)
+    with pytest.raises(Stop):
+        run(tmp_path / "resumed")
+    assert os.path.exists(tmp_path / "resumed" / "students_w2sd.partial.pt")
+    monkeypatch.setattr(train_toy, "distill_step", step)
+    resumed = run(tmp_path / "resumed")
+    assert any(s.H is not None for s in resumed.values())
+    for name in whole:
+        for (key, a), b in zip(whole[name].state_dict().items(), resumed[name].state_dict().values()):
+            assert torch.equal(a, b), (name, key)
+
+
 def test_whole_run_then_cached_then_refused(tmp_path, monkeypatch):
     monkeypatch.setitem(train_toy.PRESETS, "smoke", TINY)
     out = str(tmp_path / "run")
@@ -60,7 +93,12 @@ def test_whole_run_then_cached_then_refused(tmp_path, monkeypatch):
     assert report.count("| students from ") == len(train_toy.STUDENTS)
     assert "| evaluator (cross-entropy) | evaluator |" in report and "| teacher (flow matching) | teacher |" in report
     stamps = {name: os.path.getmtime(os.path.join(out, name)) for name in cached}
+    with open(os.path.join(out, "started"), "w") as f:  # as if the first invocation began 2 hours ago
+        f.write(str(time.time() - 7200))
     train_toy.main(["--data", "shapes", "--device", "cpu", "--out", out])  # every stage cached
     assert {name: os.path.getmtime(os.path.join(out, name)) for name in cached} == stamps
+    this, since = map(int, re.search(r"wall time: (\d+) s this invocation, (\d+) s since the first",
+                                     open(os.path.join(out, "report.md")).read()).groups())
+    assert this < 600 and 7200 <= since < 7200 + 600
     with pytest.raises(SystemExit, match="another --data, --preset or --seed"):
         train_toy.main(["--data", "shapes", "--device", "cpu", "--out", out, "--seed", "1"])
