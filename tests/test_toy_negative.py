@@ -59,3 +59,7 @@ def test_measure_and_section():
     assert title == "Negative prompts"
     assert "colour (chance 16.7%) | shape (chance 33.3%) | all at once (chance 5.6%)" in lines[2]
     assert lines[-1] == "| teacher | 20.0% → 5.0% | 50.0% → 25.0% | 10.0% → 0.0% |"
+    # one attribute (fashion-mnist's class): no "all at once" column, which would repeat it
+    _, lines = negative.section({"teacher": {"empty": [0.1, 0.1], "negative": [0.02, 0.02]}},
+                                [("class", list("abcdefghij"))], 5.0)
+    assert lines[2] == "| sampler | class (chance 10.0%) |" and lines[-1] == "| teacher | 10.0% → 2.0% |"

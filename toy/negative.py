@@ -52,9 +52,11 @@ def section(result, attributes, w):
     """report.md's section: per sampler and attribute, how often the negated value appears with ∅
     alone and with the negative prompt. attributes: the dataset's [(name, values)]. Returns
     (title, lines)."""
-    names = [name for name, _ in attributes] + ["all at once"]
+    names = [name for name, _ in attributes]
     chance = [1 / len(values) for _, values in attributes]
-    chance.append(math.prod(chance))  # every attribute at once, were they independent and uniform
+    if len(attributes) > 1:  # with one attribute (a class) "all at once" would repeat its column
+        names.append("all at once")
+        chance.append(math.prod(chance))  # were the attributes independent and uniform
     lines = [f"The prompt is ∅ and the negative prompt a full prompt (every attribute named), at w = {w:g}. "
              "Each cell: how often the evaluator sees the value the negative prompt names, with ∅ in both "
              "places → with the negative prompt (same noise). Lower on the right means the negative prompt "
@@ -62,6 +64,6 @@ def section(result, attributes, w):
              "| sampler | " + " | ".join(f"{n} (chance {100 * p:.1f}%)" for n, p in zip(names, chance)) + " |",
              "|---|" + "---|" * len(names)]
     for name, r in result.items():
-        cells = [f"{100 * a:.1f}% → {100 * b:.1f}%" for a, b in zip(r["empty"], r["negative"])]
+        cells = [f"{100 * a:.1f}% → {100 * b:.1f}%" for a, b in zip(r["empty"][:len(names)], r["negative"])]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "Negative prompts", lines
