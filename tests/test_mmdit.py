@@ -64,7 +64,7 @@ def test_psi_by_hand_and_against_diffusers():
 
 
 def test_guidance_scalar_is_not_rounded_in_bf16():
-    # bf16 has 8 significant bits: 6 * 1000 stored in bf16 becomes 6016 (METHOD §4)
+    # bf16 has 8 significant bits: 6 * 1000 stored in bf16 becomes 6016
     assert torch.tensor(6000.0, dtype=torch.bfloat16).item() == 6016.0
     weight = torch.zeros(1, dtype=torch.bfloat16)
     got = psi_scaled(6.0, weight)

@@ -41,7 +41,7 @@ def test_transformer_from_diffusers_folder(tmp_path, config):
         model, H = load_transformer(tmp_path)
         assert H is None
         assert (model(x, t, tokens, pooled) - expected).abs().max() < 1e-5
-        # without config.json the config comes from the shapes (SD3.md §1)
+        # without config.json the config comes from the shapes
         os.remove(tmp_path / "transformer" / "config.json")
         model, _ = load_transformer(tmp_path)
         assert (model(x, t, tokens, pooled) - expected).abs().max() < 1e-5

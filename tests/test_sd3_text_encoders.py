@@ -152,7 +152,7 @@ def test_t5_loads_saved_files(tmp_path):
 
 
 def test_relative_position_bucket_by_hand():
-    """Buckets from SD3.md §6's formula, worked by hand (32 buckets, max distance 128):
+    """Buckets from T5's relative-position bucket formula, worked by hand (32 buckets, max distance 128):
     bucket = 16 [rel > 0] + (|rel| if |rel| < 8 else min(15, 8 + int(log(|rel|/8) / log 16 * 8))).
     |rel| 12: 8 ln1.5/ln16 = 1.17 -> 9;  20: 8 ln2.5/ln16 = 2.64 -> 10;  30: 8 ln3.75/ln16 = 3.81
     -> 11;  60: 8 ln7.5/ln16 = 5.81 -> 13;  100: 8 ln12.5/ln16 = 7.29 -> 15;  128 and 1000: >= 8

@@ -69,7 +69,7 @@ def teacher_target(teacher, x_t, t, w, c: Text, u: Text, cfg: DistillConfig, wea
     w2sd:      reflection with `weak` inverting at cfg.w_weak.
 
     The paper gives no formula for the reflection target and the authors released no training
-    code. Default ("reach", METHOD §6): one reflection step takes x_t to the teacher's x_{t-Δ};
+    code. Default ("reach"): one reflection step takes x_t to the teacher's x_{t-Δ};
     the student takes plain Euler steps of the same size Δ, so its target is the velocity that
     reaches that point in one Euler step, (x_{t-Δ} - x_t) / (-Δ). Δ is the step of the student's
     sampling grid at t (flow.next_t with cfg.sample_steps, cfg.shift). Alternative ("refined"):

@@ -1,4 +1,4 @@
-"""Rectified flow, as SD3 uses it (METHOD.md §0).
+"""Rectified flow, as SD3 uses it (the paper's Sec. 3).
 
 Data x0, noise eps ~ N(0, I), time t in [0, 1] with t = 1 pure noise:
 
@@ -74,7 +74,7 @@ def next_t(t, steps, s=1.0):
     """The grid point one Euler step below t on the uniform N-step grid warped by s:
     shift(unshift(t) - 1/N), clamped at 0. At the points of time_grid(N, s) it returns the next
     point of that grid, so a training-time t drawn anywhere in (0, 1] gets the step size the
-    student will take there (used for the reflection target, METHOD.md §6)."""
+    student will take there (used for the reflection target, distill.teacher_target)."""
     u = unshift(t, s) - 1.0 / steps
     return shift(u.clamp(min=0.0), s)
 

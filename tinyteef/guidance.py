@@ -129,7 +129,8 @@ class DistillCFG(MLPEmbedder):
 
 
 class Student(nn.Module):
-    """A one-pass student and how the guidance weight w enters its conditioning z (METHOD §4-5).
+    """A one-pass student and how the guidance weight w enters its conditioning z (Eq. 6-7; the
+    DistillCFG and G(psi(w)) baselines of Table 3).
 
     kind: "teefusion" (Eq. 7), "distillcfg" (H(psi(w)), H a new MLP, given as `H`) or
     "gpsi_ablation" (G(psi(w)), Table 3). `divisor` scales the TeEFusion term. `w_range`: the

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F_  # F is the paper's pooled-text MLP; keep the name free
 from torch.utils.checkpoint import checkpoint
 
-TIME_SCALE = 1000.0  # SD3 feeds the network 1000 * t; TeEFusion scales w the same way (METHOD §4)
+TIME_SCALE = 1000.0  # SD3 feeds the network 1000 * t; TeEFusion scales w the same way (authors' code)
 PSI_DIM = 256  # width of the sinusoidal embedding psi in SD3
 
 
@@ -67,7 +67,7 @@ def psi(s, dim=PSI_DIM):
 
     psi(s) = [cos(s f_0), ..., cos(s f_{d/2-1}), sin(s f_0), ..., sin(s f_{d/2-1})],
     f_i = 10000^(-i / (d/2)). s is 1000 t for the time and 1000 w for TeEFusion's guidance.
-    Always float32: in bf16, 1000 * 6 would round to 6016 (METHOD §4). s: (B,) -> (B, dim).
+    Always float32: in bf16, 1000 * 6 would round to 6016. s: (B,) -> (B, dim).
     """
     half = dim // 2
     f = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=s.device) / half)

@@ -75,7 +75,7 @@ def sample_loop(x, ts, step, progress=False):
 
 
 def euler_sampler(velocity):
-    """Plain Euler steps on a velocity function v(x, t, i) (METHOD §0); i, the step's index, picks
+    """Plain Euler steps on a velocity function v(x, t, i) (Sec. 3); i, the step's index, picks
     that step's guidance weight."""
     return lambda x, t, t_next, i: euler_step(x, velocity(x, t, i), t, t_next)
 

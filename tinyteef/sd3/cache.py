@@ -7,7 +7,7 @@ encoders, once, so that distillation runs with the encoders freed (T5-XXL alone 
     CACHE/index.json               written last: which items decoded, which images were skipped
 
 A cache made with other settings is refused: latents and text embeddings from another encoder
-dtype or T5 length have produced NaN losses in other training code (SD3.md §11). Items are written
+dtype or T5 length have produced NaN losses in other training code. Items are written
 one by one, so a stopped stage 1 resumes where it was.
 """
 
@@ -75,7 +75,7 @@ def encode_items(folder, items, rows, encode_text, vae, resolution, batch_size, 
 
 
 def write_empty(folder, encode_text):
-    """∅ = the encoding of "" (not zeros, SD3.md §11)."""
+    """∅ = the encoding of "" (not zeros)."""
     u = encode_text([""])
     save_file({"tokens": u.tokens.contiguous(), "pooled": u.pooled.contiguous()},
               os.path.join(folder, "empty.safetensors"))

@@ -2,7 +2,7 @@
 (text_encoder_2).
 
 A pre-LN transformer over 77 tokens with learned positions and a causal mask. SD3 reads two
-things from it (SD3.md §5):
+things from it:
 
 - the sequence features hidden_states[-2], the output of layer N-1 *without* the final layer
   norm (clip_skip=k moves back to hidden_states[-(k+2)]);
@@ -53,7 +53,7 @@ class CLIPConfig:
                              f"num_attention_heads ({self.num_attention_heads})")
 
 
-# OpenCLIP ViT-bigG/14's text tower, SD3's text_encoder_2 (SD3.md §5).
+# OpenCLIP ViT-bigG/14's text tower, SD3's text_encoder_2.
 CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
               hidden_act="gelu", projection_dim=1280)
 

@@ -4,8 +4,8 @@ A model folder holds `transformer/`, `vae/`, `text_encoder/` (CLIP-L), `text_enc
 bigG), optionally `text_encoder_3/` (T5; SD3 runs without it) and the tokenizer folders. Each
 component folder has a config.json and its weights as one `*.safetensors` file or shards with an
 `*.safetensors.index.json`. Our modules use the reference libraries' parameter names, so a state
-dict loads as it is; the config comes from config.json, or for the MMDiT from the tensor shapes
-(SD3.md §1). Weights are read with our own safetensors reader: nothing is unpickled.
+dict loads as it is; the config comes from config.json, or for the MMDiT from the tensor shapes.
+Weights are read with our own safetensors reader: nothing is unpickled.
 """
 
 import json
@@ -22,7 +22,7 @@ from .clip import CLIPConfig, CLIPTextEncoder
 from .t5 import T5Config, T5Encoder
 from .vae import VAE, VAEConfig
 
-GUIDANCE_PREFIX = "guidance_in."  # DistillCFG's H in the authors' checkpoints (METHOD §5)
+GUIDANCE_PREFIX = "guidance_in."  # DistillCFG's H in the authors' checkpoints
 STUDENT_RECORD = "tinyteef"  # train_sd3.py's record in a student's config.json: kind, divisor, w range
 DIFFUSERS_VERSION = "0.29.0.dev0"  # the version that SD3-medium's config files record
 PIPELINE_PARTS = ("scheduler", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
@@ -64,7 +64,7 @@ def read_weights(folder, device="cpu"):
 
 
 def infer_mmdit_config(state):
-    """An MMDiTConfig from the shapes of a diffusers-layout MMDiT state dict (SD3.md §1).
+    """An MMDiTConfig from the shapes of a diffusers-layout MMDiT state dict.
 
     The head size cannot be read from shapes without qk-norm; SD3 and SD3.5 all use 64.
     """
@@ -173,7 +173,7 @@ def _swap_halves(w):
 
 def from_original(state):
     """Map an MMDiT state dict of Stability's original single-file layout (`model.diffusion_model.*`,
-    fused qkv) onto our (diffusers') names, as SD3.md §3 lists them."""
+    fused qkv) onto our (diffusers') names, as diffusers' own conversion does (the tests compare the two)."""
     s = {k[len(ORIGINAL_PREFIX):] if k.startswith(ORIGINAL_PREFIX) else k: v for k, v in state.items()}
     out = {"pos_embed.pos_embed": s["pos_embed"], "context_embedder.weight": s["context_embedder.weight"],
            "context_embedder.bias": s["context_embedder.bias"]}

@@ -1,4 +1,5 @@
-"""SD3's prompt encoding: three text encoders -> the MMDiT's text condition (SD3.md §7).
+"""SD3's prompt encoding: three text encoders -> the MMDiT's text condition, as diffusers'
+StableDiffusion3Pipeline.encode_prompt computes it.
 
     clip   = cat(CLIP-L hidden_states[-2] (B, 77, 768), bigG hidden_states[-2] (B, 77, 1280), dim -1),
              zero-padded on the right to joint_dim (4096)
@@ -6,7 +7,7 @@
     pooled = cat(CLIP-L pooled (B, 768), bigG pooled (B, 1280))  (B, 2048)
 
 Without T5 (SD3 runs without text_encoder_3) zeros stand in for its part. The empty prompt ""
-encoded this way is SD3's unconditional ∅; it is not zeros (SD3.md §11). Each encoder reads the
+encoded this way is SD3's unconditional ∅; it is not zeros. Each encoder reads the
 same prompt (diffusers' prompt_2 = prompt_3 = prompt), with clip_skip None.
 
 Reference: diffusers' StableDiffusion3Pipeline.encode_prompt.

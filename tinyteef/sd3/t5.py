@@ -1,6 +1,6 @@
 """The T5 v1.1 encoder: SD3's text_encoder_3 (T5-XXL, 4.7B parameters in the encoder).
 
-Per layer (SD3.md §6), with RMS the T5 RMSNorm:
+Per layer, with RMS the T5 RMSNorm:
 
     x += o(Attention(RMS x)),   scores = q k^T + relative position bias  (no 1/sqrt(d) scale)
     x += wo(gelu_tanh(wi_0 h) * wi_1 h),   h = RMS x

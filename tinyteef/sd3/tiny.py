@@ -43,7 +43,7 @@ SIZES = dict(
     vae=dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4,
              latent_channels=16),  # (128, 256, 512, 512), 2, 32, 16
 )
-SCALING_FACTOR, SHIFT_FACTOR = 1.5305, 0.0609  # SD3's latent scale and shift (SD3.md §4)
+SCALING_FACTOR, SHIFT_FACTOR = 1.5305, 0.0609  # SD3's latent scale and shift (its vae/config.json)
 T5_EXTRA_IDS = 100  # T5's sentinel tokens <extra_id_0..99>, the last ids of its vocabulary
 
 WORDS = """a an the of in on at with and by from to photo painting portrait drawing illustration
