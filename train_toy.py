@@ -297,13 +297,12 @@ def main(argv=None):
         data = toydata.load(args.data, root=args.data_root, seed=args.seed, limit=P.limit)
     except (RuntimeError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    os.makedirs(out, exist_ok=True)  # only once the data is there: a failed start leaves nothing behind
-    with open(cfg_path, "w") as f:
-        json.dump(run, f, indent=1)
+    # written only once the data is there (a failed start leaves nothing behind), and atomically (a
+    # run stopped mid-write must not leave a half file that refuses or breaks the next invocation)
+    checkpoint.atomic_write(cfg_path, lambda f: f.write(json.dumps(run, indent=1).encode()))
     first_path = os.path.join(out, "started")  # when the first invocation began: the end-to-end time
     if not os.path.exists(first_path):
-        with open(first_path, "w") as f:
-            f.write(str(started))
+        checkpoint.atomic_write(first_path, lambda f: f.write(str(started).encode()))
     with open(first_path) as f:
         first = float(f.read())
     evaluator, ev = stage_evaluator(data, P, device, out, args.seed)
