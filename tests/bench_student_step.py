@@ -1,0 +1,74 @@
+"""Benchmark (not a test): the student's forward and backward alone, as train_sd3.py runs it (float32
+weights under bf16 autocast, gradients accumulating in float32), at SD3-medium size, 1024 x 1024
+(128 x 128 latents), 333 text tokens, random weights and inputs. It gives the model-FLOPs
+utilisation the student step would reach with no teacher, data or optimizer around it.
+
+    python tests/bench_student_step.py --batch 4 --compile --no-gradient-checkpointing
+    python tests/bench_student_step.py --batch 4 --compile --no-gradient-checkpointing --profile
+
+The student's TeEFusion term is not added: it is a (B, D) vector, far below the noise of this timing.
+"""
+
+import argparse
+import time
+
+import torch
+
+from tinyteef.mmdit import MMDiT, MMDiTConfig
+
+H100_BF16_TFLOPS = 989  # dense bf16 peak of an H100 SXM
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=4, help="samples per forward and backward (train_sd3's --micro-batch)")
+    p.add_argument("--latent", type=int, default=128, help="latent side (1024 px: 128)")
+    p.add_argument("--text-len", type=int, default=333, help="text tokens (SD3: 77 CLIP + 256 T5)")
+    p.add_argument("--repeats", type=int, default=5, help="timed steps, after 3 warm-up steps")
+    p.add_argument("--compile", action="store_true", help="MMDiT.compile_blocks, as train_sd3.py --compile")
+    p.add_argument("--no-gradient-checkpointing", action="store_true")
+    p.add_argument("--profile", action="store_true", help="also print the 22 longest CUDA kernels of 2 steps")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("error: this benchmark needs a CUDA GPU")
+
+    with torch.device("cuda"):
+        model = MMDiT(MMDiTConfig()).train()
+    model.gradient_checkpointing = not args.no_gradient_checkpointing
+    if args.compile:
+        model.compile_blocks()
+    B, n = args.batch, args.latent
+    x = torch.randn(B, 16, n, n, device="cuda")  # (B, C, H, W)
+    tokens = torch.randn(B, args.text_len, 4096, device="cuda")  # (B, L, 4096)
+    pooled = torch.randn(B, 2048, device="cuda")  # (B, 2048)
+    t = torch.full((B,), 0.5, device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            v = model(x, t, tokens, pooled)  # (B, C, H, W)
+        v.float().square().mean().backward()  # accumulates into .grad, as gradient accumulation does
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(args.repeats):
+        step()
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - start) / args.repeats
+    flops = 3 * model.flops_per_forward(B, n, n, args.text_len)  # forward + backward, no recompute
+    print(f"{torch.cuda.get_device_name()}, batch {B}, compile {args.compile}, gradient checkpointing "
+          f"{model.gradient_checkpointing}: {dt * 1e3:.1f} ms per forward and backward, "
+          f"{flops / dt / 1e12:.1f} model TFLOP/s, {flops / dt / 1e12 / H100_BF16_TFLOPS:.1%} of an H100's "
+          f"{H100_BF16_TFLOPS}, peak memory {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(2):
+                step()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main()
