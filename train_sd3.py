@@ -89,7 +89,9 @@ def parse_args(argv=None):
     o.add_argument("--batch-size", type=int, default=128, help="samples per optimizer step, all processes")
     o.add_argument("--micro-batch", type=int, default=4, help="samples per forward pass of one process")
     o.add_argument("--lr", type=float, default=5e-6, help="AdamW learning rate (paper: 5e-6)")
-    o.add_argument("--no-gradient-checkpointing", action="store_true")
+    o.add_argument("--no-gradient-checkpointing", action="store_true",
+                   help="keep the student's activations instead of recomputing them in the backward: "
+                        "faster, more memory (SD3-medium, 1024 px, --compile, --micro-batch 4: 64.7 GiB peak)")
     o.add_argument("--compile", action="store_true",
                    help="torch.compile each transformer block of the student, teacher and weak model (fused "
                         "elementwise kernels: faster steps, same results up to float rounding); the first "
