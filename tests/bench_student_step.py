@@ -26,7 +26,8 @@ def main():
     p.add_argument("--text-len", type=int, default=333, help="text tokens (SD3: 77 CLIP + 256 T5)")
     p.add_argument("--repeats", type=int, default=5, help="timed steps, after 3 warm-up steps")
     p.add_argument("--compile", action="store_true", help="MMDiT.compile_blocks, as train_sd3.py --compile")
-    p.add_argument("--no-gradient-checkpointing", action="store_true")
+    p.add_argument("--no-gradient-checkpointing", action="store_true",
+                   help="keep activations instead of recomputing them, as train_sd3.py --no-gradient-checkpointing")
     p.add_argument("--profile", action="store_true", help="also print the 22 longest CUDA kernels of 2 steps")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -37,10 +38,10 @@ def main():
     model.gradient_checkpointing = not args.no_gradient_checkpointing
     if args.compile:
         model.compile_blocks()
-    B, n = args.batch, args.latent
-    x = torch.randn(B, 16, n, n, device="cuda")  # (B, C, H, W)
-    tokens = torch.randn(B, args.text_len, 4096, device="cuda")  # (B, L, 4096)
-    pooled = torch.randn(B, 2048, device="cuda")  # (B, 2048)
+    B, n, cfg = args.batch, args.latent, model.config
+    x = torch.randn(B, cfg.in_channels, n, n, device="cuda")  # (B, C, H, W)
+    tokens = torch.randn(B, args.text_len, cfg.joint_attention_dim, device="cuda")  # (B, L, 4096)
+    pooled = torch.randn(B, cfg.pooled_projection_dim, device="cuda")  # (B, 2048)
     t = torch.full((B,), 0.5, device="cuda")
 
     def step():
