@@ -5,6 +5,18 @@ utilisation the student step would reach with no teacher, data or optimizer arou
 
     python tests/bench_student_step.py --batch 4 --compile --no-gradient-checkpointing
     python tests/bench_student_step.py --batch 4 --compile --no-gradient-checkpointing --profile
+    python tests/bench_student_step.py --batch 4 --compile --no-gradient-checkpointing --weights bf16
+
+The weights are drawn as train_sd3.py --random-init draws them (sd3.tiny.randomize), not with
+MMDiT's own initialisation: that one zeroes the adaLN modulation and the output projection (DiT's
+init), so most gradients are zeros, and on it the same computation took 259.7 ms per forward and
+backward on an H100 instead of 280.0 ms, a speed that weights like a trained model's do not give.
+
+--weights bf16 measures the alternative to train_sd3.py's float32 weights under autocast: the
+weights are stored in bf16, and each gradient is added into a float32 buffer as it arrives (mixed-
+precision training with float32 master weights; the master copy, which only the optimizer touches,
+is left out). It saves the float32 -> bf16 cast of every weight in each forward and the conversion
+of every weight's gradient to float32 in each backward.
 
 The student's TeEFusion term is not added: it is a (B, D) vector, far below the noise of this timing.
 """
@@ -15,6 +27,7 @@ import time
 import torch
 
 from tinyteef.mmdit import MMDiT, MMDiTConfig
+from tinyteef.sd3.tiny import randomize
 
 H100_BF16_TFLOPS = 989  # dense bf16 peak of an H100 SXM
 
@@ -28,13 +41,29 @@ def main():
     p.add_argument("--compile", action="store_true", help="MMDiT.compile_blocks, as train_sd3.py --compile")
     p.add_argument("--no-gradient-checkpointing", action="store_true",
                    help="keep activations instead of recomputing them, as train_sd3.py --no-gradient-checkpointing")
+    p.add_argument("--weights", choices=["fp32", "bf16"], default="fp32",
+                   help="fp32: float32 weights under bf16 autocast, as train_sd3.py; bf16: a bf16 copy computes and "
+                        "gradients accumulate in float32 buffers (default fp32)")
     p.add_argument("--profile", action="store_true", help="also print the 22 longest CUDA kernels of 2 steps")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("error: this benchmark needs a CUDA GPU")
 
     with torch.device("cuda"):
-        model = MMDiT(MMDiTConfig()).train()
+        model = randomize(MMDiT(MMDiTConfig()), torch.Generator("cuda").manual_seed(0)).train()
+    if args.weights == "bf16":
+        model.to(torch.bfloat16)
+        master_grads = {}  # parameter -> its float32 gradient, summed over the steps
+
+        def accumulate(p):
+            if p in master_grads:
+                master_grads[p].add_(p.grad)
+            else:
+                master_grads[p] = p.grad.float()
+            p.grad = None  # the bf16 gradient is folded in; the next backward starts afresh
+
+        for p in model.parameters():
+            p.register_post_accumulate_grad_hook(accumulate)
     model.gradient_checkpointing = not args.no_gradient_checkpointing
     if args.compile:
         model.compile_blocks()
@@ -47,7 +76,7 @@ def main():
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             v = model(x, t, tokens, pooled)  # (B, C, H, W)
-        v.float().square().mean().backward()  # accumulates into .grad, as gradient accumulation does
+        v.float().square().mean().backward()  # accumulates float32 gradients, as gradient accumulation does
 
     for _ in range(3):
         step()
@@ -58,8 +87,8 @@ def main():
     torch.cuda.synchronize()
     dt = (time.perf_counter() - start) / args.repeats
     flops = 3 * model.flops_per_forward(B, n, n, args.text_len)  # forward + backward, no recompute
-    print(f"{torch.cuda.get_device_name()}, batch {B}, compile {args.compile}, gradient checkpointing "
-          f"{model.gradient_checkpointing}: {dt * 1e3:.1f} ms per forward and backward, "
+    print(f"{torch.cuda.get_device_name()}, batch {B}, weights {args.weights}, compile {args.compile}, gradient "
+          f"checkpointing {model.gradient_checkpointing}: {dt * 1e3:.1f} ms per forward and backward, "
           f"{flops / dt / 1e12:.1f} model TFLOP/s, {flops / dt / 1e12 / H100_BF16_TFLOPS:.1%} of an H100's "
           f"{H100_BF16_TFLOPS}, peak memory {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB")
     if args.profile:
