@@ -98,6 +98,24 @@ def main():
                 step()
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=70))
+        families = {}  # kernel family -> GPU ms per forward and backward
+        for e in prof.events():
+            if e.device_type.name == "CUDA":
+                families[family(e.name)] = families.get(family(e.name), 0.0) + e.device_time / 2 / 1e3
+        print("GPU time per forward and backward by kernel family: " + ", ".join(
+            f"{k} {v:.1f} ms" for k, v in sorted(families.items(), key=lambda kv: -kv[1])) + f"; wall {dt * 1e3:.1f} ms")
+
+
+def family(kernel):
+    """A coarse kind of a CUDA kernel, from its name (cuDNN's attention, cuBLAS's nvjet/gemm, Inductor's
+    Triton kernels, PyTorch's own elementwise kernels)."""
+    if kernel.startswith("triton"):
+        return "fused elementwise (Triton)"
+    if "sdpa" in kernel or "cudnn::fusion" in kernel:
+        return "attention backward" if "bprop" in kernel or "dot_do_o" in kernel or "dq" in kernel else "attention forward"
+    if "nvjet" in kernel or "gemm" in kernel.lower():
+        return "matrix products"
+    return "other (PyTorch elementwise, reductions, memsets)"
 
 
 if __name__ == "__main__":
