@@ -118,7 +118,7 @@ def parse_args(argv=None):
         p.error("--teacher w2sd needs --weak-model DIR: W2SD reflects each step by inverting with a weak model "
                 "(Eq. 3), a weaker model of the same architecture, e.g. an earlier or less trained checkpoint "
                 "of the teacher; or use --teacher zsampling, which reflects with the teacher itself")
-    if not args.w_min <= args.preview_w <= args.w_max:
+    if args.preview_every and args.data is not None and not args.w_min <= args.preview_w <= args.w_max:
         p.error(f"--preview-w {args.preview_w:g} must lie in [--w-min, --w-max] = [{args.w_min:g}, {args.w_max:g}], "
                 "the range the student is distilled on")
     if args.resolution % 16:
@@ -319,7 +319,9 @@ def main(argv=None):
         log0(rank, f"resuming {out} at step {start}")
     # The only buffer, the position table (226 MB at SD3-medium size), is a constant: no need to
     # broadcast it before every forward (the flag was renamed in torch 2.14). Gradients as views of
-    # DDP's buckets: no second copy of the 8 GB of float32 gradients at SD3-medium size.
+    # DDP's buckets: no second copy of the 8 GB of float32 gradients at SD3-medium size, as long as
+    # they stay views: zeroed in place after each update, not set to None (a fresh .grad would
+    # accumulate beside the buckets through the no_sync micro-batches).
     no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
                else "broadcast_buffers": False}
     net = DDP(student, device_ids=[device.index] if device.type == "cuda" else None,
@@ -357,7 +359,7 @@ def main(argv=None):
             raise SystemExit(f"error: non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}; "
                              f"stopped before the update, the last good checkpoint in {out} is kept")
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=world == 1)
         dt = time.perf_counter() - t0
         (rows_t, s_t), (rows_w, s_w) = teacher_n.take(), weak_n.take() if weak_n else (0, 0.0)
         student_s = dt - s_t - s_w  # the student's forward and backward, and the update

@@ -179,7 +179,7 @@ def stage_teacher(data, P, device, out, seed):
 
 
 # ---------------------------------------------------------------------------------------------
-# stages 3-5: scoring samplers and students, distilling, reporting
+# stages 3-8: scoring samplers and students, distilling, schedule, negative prompts, fidelity, report
 
 
 def teacher_methods(teacher, weak, w):
@@ -365,7 +365,7 @@ def main(argv=None):
     # stage 6: negative prompts, on the same samplers at the table's w
     negated = staged(os.path.join(out, "negative.pt"),
                      lambda: negative.measure(scorer, {name: make(P.w) for name, make in pairs.items()}))
-    # stage 7: each student's error against its teacher's target over (w, t); 64 held-out images
+    # stage 7: each student's error against its teacher's target over (w, t), on held-out images
     fid = staged(os.path.join(out, "fidelity.pt"), lambda: fidelity.measure(
         {name: (s, STUDENTS[name][0]) for name, s in students.items()}, teacher, weak, text, bank, data,
         {kind: distill_config(P, kind) for kind in ("cfg", "zsampling", "w2sd")}, min(P.distill_batch // 2, 64),

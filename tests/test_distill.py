@@ -94,6 +94,9 @@ def test_step_trains_students_not_teacher_and_shares_the_target():
     assert losses[0] == losses[1] and losses[0] > 0  # equal students, one shared target
     assert all(p.grad is None for p in teacher.parameters())
     assert all(torch.equal(p.grad, q.grad) for p, q in zip(a.parameters(), b.parameters()))
+    # a student that would record [2, 14] as its range but be trained on U[4, 6] is refused
+    with pytest.raises(ValueError, match=r"w_range \(2\.0, 14\.0\) would be distilled on w ~ U\[4, 6\]"):
+        distill_step([Student(a)], teacher, torch.randn(2, 4, 8, 8), c, u, DistillConfig(teacher="cfg", w_min=4, w_max=6))
 
 
 def test_teefusion_student_learns_cfg_at_held_out_w():

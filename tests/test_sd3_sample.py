@@ -50,8 +50,6 @@ def test_every_sampler_writes_an_image(tiny_sd3, tmp_path, sampler, capsys):
     # (w_inv = -1), W2SD one (w_weak = 0): (5 + 5 + 2) / 3 = 4
     expected = {"euler": "1", "cfg": "2", "naive": "1", "zsampling": "4", "w2sd": "4", "teefusion": "1"}
     assert f"{sampler}: {expected[sampler]} forward passes per step" in capsys.readouterr().out
-    # a negative prompt equal to ∅ gives exactly the image without one (same seed)
-    assert np.array_equal(sample("empty_negative.png", ["--negative-prompt", ""]), image)
     if sampler != "euler":  # euler never uses ∅; the others guide away from the negative prompt
         assert not np.array_equal(sample("negative.png", ["--negative-prompt", "a blue dog"]), image)
 

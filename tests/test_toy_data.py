@@ -137,6 +137,9 @@ def test_float_uint8_round_trip():
     assert torch.equal(to_uint8(to_float(x)), x)
     assert to_float(x).dtype == torch.float32
     assert to_float(torch.tensor([0, 255], dtype=torch.uint8)).tolist() == [-1.0, 1.0]
+    # float images are already in [-1, 1]: only the dtype changes
+    assert to_float(torch.tensor([-1.0, 0.5], dtype=torch.float64)).tolist() == [-1.0, 0.5]
+    assert to_float(torch.tensor([0.5], dtype=torch.float64)).dtype == torch.float32
     # clamped, then rounded: 0.5 -> 1.5 * 127.5 = 191.25 -> 191
     assert to_uint8(torch.tensor([-2.0, 2.0, 0.5])).tolist() == [0, 255, 191]
 

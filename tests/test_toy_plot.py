@@ -33,12 +33,18 @@ def test_heatmap_cells_take_their_values_colours():
 
 
 def test_line_lands_where_its_data_says():
-    # one line from (0, 0) to (10, 10): its midpoint (5, 5) is the centre of the plot box
+    # one line from (0, 0) to (10, 10), with x and y on equal ranges: it runs along the plot box's
+    # diagonal from the lower left (small y at the bottom) to the upper right, through the centre
     panel = plot.line_panel({"a": ([0, 10], [0, 10])}, "title", "x", "y")
     x0, y0 = plot.MARGIN["left"], plot.MARGIN["top"]
     x1 = panel.width - plot.MARGIN["right"]
     y1 = panel.height - plot.MARGIN["bottom"] - (plot.LEGEND_LINE + 4)  # one legend entry below
-    assert panel.getpixel((round((x0 + x1) / 2), round((y0 + y1) / 2))) == plot.LINE_COLOURS[0]
+
+    def line_near(fx, fy):  # the line's colour within a pixel above or below the point (fx, fy) of the box
+        x, y = round(x0 + fx * (x1 - x0)), round(y1 - fy * (y1 - y0))
+        return any(panel.getpixel((x, y + dy)) == plot.LINE_COLOURS[0] for dy in (-1, 0, 1))
+    assert line_near(0.5, 0.5) and line_near(0.25, 0.25) and line_near(0.75, 0.75)
+    assert not line_near(0.25, 0.75) and not line_near(0.75, 0.25)  # not the other diagonal (y upside down)
 
 
 def test_panels_are_laid_out_row_by_row(tmp_path):

@@ -206,6 +206,9 @@ def test_bad_input(models, data, tmp_path, capsys):
     assert "holds a run with --lr 5e-06, this one asks for 0.0001" in msg
     assert "--preview-w 20 must lie in [--w-min, --w-max] = [2, 14]" in error_of(
         argv(models, data, tmp_path / "d", "cfg", 1, "--preview-w", "20"), capsys)
+    # with no previews to draw, --preview-w is not used, so it is not checked
+    assert train_sd3.parse_args(argv(models, data, tmp_path / "d", "cfg", 1, "--preview-w", "20",
+                                     "--preview-every", "0")).preview_w == 20
 
 
 def test_undecodable_image_is_skipped_and_counted(models, tmp_path, capsys):

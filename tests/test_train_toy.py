@@ -21,6 +21,14 @@ class Stop(Exception):
     pass
 
 
+def counted(fn, calls):
+    """fn, counting its calls in calls["n"]."""
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        return fn(*args, **kwargs)
+    return wrapper
+
+
 def test_stopped_teacher_resumes_exactly(tmp_path, monkeypatch):
     data = toydata.load("shapes", limit=TINY.limit)
     dev = torch.device("cpu")
@@ -38,9 +46,12 @@ def test_stopped_teacher_resumes_exactly(tmp_path, monkeypatch):
     with pytest.raises(Stop):
         train_toy.stage_teacher(data, TINY, dev, str(tmp_path / "resumed"), 0)
     assert os.path.exists(tmp_path / "resumed" / "teacher.partial.pt")
-    monkeypatch.setattr(train_toy, "ema_update", update)
+    calls["n"] = 0  # the resumed run counts its own steps: it continues from step 10 of 20
+    monkeypatch.setattr(train_toy, "ema_update", counted(update, calls))
     resumed = train_toy.stage_teacher(data, TINY, dev, str(tmp_path / "resumed"), 0)[0]
+    assert calls["n"] == TINY.teacher_steps - 10  # not started again from step 0
     assert not os.path.exists(tmp_path / "resumed" / "teacher.partial.pt")
+    assert list(whole.state_dict()) == list(resumed.state_dict())
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -68,10 +79,14 @@ def test_stopped_students_resume_exactly(tmp_path, monkeypatch):
     with pytest.raises(Stop):
         run(tmp_path / "resumed")
     assert os.path.exists(tmp_path / "resumed" / "students_w2sd.partial.pt")
-    monkeypatch.setattr(train_toy, "distill_step", step)
+    calls["n"] = 0  # the resumed run counts its own steps: it continues from step 3 of 6
+    monkeypatch.setattr(train_toy, "distill_step", counted(step, calls))
     resumed = run(tmp_path / "resumed")
+    assert calls["n"] == 3  # not started again from step 0
     assert any(s.H is not None for s in resumed.values())
+    assert list(whole) == list(resumed)
     for name in whole:
+        assert list(whole[name].state_dict()) == list(resumed[name].state_dict()), name
         for (key, a), b in zip(whole[name].state_dict().items(), resumed[name].state_dict().values()):
             assert torch.equal(a, b), (name, key)
 

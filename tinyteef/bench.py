@@ -20,6 +20,7 @@ from .guidance import Student, Text
 from .mmdit import MMDiT, MMDiTConfig
 from . import samplers
 
+
 class Meter:
     """Wraps a frozen net: counts the rows it evaluates and times its calls (CUDA events on a
     GPU, so nothing waits), to split a step's time between the teacher's target and the

@@ -10,8 +10,8 @@
       optimizer step                                                   (line 14)
 
 `distill_step` is the loop body up to the backward pass; the update (line 14) is the caller's, so a
-training script can accumulate gradients over several calls. train_toy.py calls it, and train_sd3.py
-will. Several students may share one teacher target (the toy trains TeEFusion, DistillCFG and the
+training script can accumulate gradients over several calls. train_toy.py and train_sd3.py call it.
+Several students may share one teacher target (the toy trains TeEFusion, DistillCFG and the
 G(psi(w)) ablation on the same W2SD+CFG targets).
 """
 
@@ -112,6 +112,11 @@ def distill_step(students, teacher, x0, c: Text, u: Text, cfg: DistillConfig, we
     students: a list of guidance.Student (or DDP wrappers of them); x0 (B, C, H, W); c the batch's prompts, u the empty prompt (any
     batch size that broadcasts, e.g. 1). Returns the unscaled losses, one float per student.
     """
+    for s in students:  # the range a student records and keeps to at sampling is the one it is trained on
+        w_range = getattr(s, "module", s).w_range  # (a DDP wrapper holds the Student as .module)
+        if tuple(w_range) != (cfg.w_min, cfg.w_max):
+            raise ValueError(f"a student with w_range {tuple(w_range)} would be distilled on w ~ U[{cfg.w_min:g}, "
+                             f"{cfg.w_max:g}]: give it w_range=(w_min, w_max) of the DistillConfig")
     B = x0.shape[0]
     u = u.expand(B)
     x_t, t, w = sample_training_point(x0, cfg, generator)

@@ -1,10 +1,10 @@
-"""Rectified flow, as SD3 uses it (the paper's Sec. 3).
+"""Rectified flow, as SD3 uses it (Esser et al. 2024, below); the paper builds on it without restating it.
 
 Data x0, noise eps ~ N(0, I), time t in [0, 1] with t = 1 pure noise:
 
     x_t = (1 - t) * x0 + t * eps,        v = dx_t/dt = eps - x0.
 
-The network predicts v (the paper's eps_theta is this velocity). Sampling integrates from t = 1 to
+The network predicts v (the paper's eps_theta is this velocity: Sec. 3, footnote 1). Sampling integrates from t = 1 to
 t = 0 on a decreasing grid with Euler steps; the reflection samplers (Eq. 3-4) also step *up* the
 grid with an Euler inversion step.
 

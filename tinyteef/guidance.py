@@ -164,7 +164,8 @@ class Student(nn.Module):
         if bad:
             raise ValueError(f"w = {bad[0]:g} is outside [{lo:g}, {hi:g}], the range this student was distilled "
                              f"on; w = 0 is not 'no guidance' for a student (G(psi(0)) is not zero, so its term "
-                             f"still acts): keep every step's w inside, e.g. a Ramp, not an Interval")
+                             f"still acts): use a w inside the range, and a schedule that stays inside it "
+                             f"(a Ramp, not an Interval)")
 
     def term(self, w, c: Text, u: Text):
         """The vector this student adds to z. (B or 1, D)."""

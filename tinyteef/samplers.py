@@ -75,8 +75,8 @@ def sample_loop(x, ts, step, progress=False):
 
 
 def euler_sampler(velocity):
-    """Plain Euler steps on a velocity function v(x, t, i) (Sec. 3); i, the step's index, picks
-    that step's guidance weight."""
+    """Plain Euler steps on a velocity function v(x, t, i) (the standard sampler that Sec. 3.2's
+    reflection samplers go beyond); i, the step's index, picks that step's guidance weight."""
     return lambda x, t, t_next, i: euler_step(x, velocity(x, t, i), t, t_next)
 
 
@@ -148,7 +148,8 @@ def naive(model, x, ts, c: Text, u: Text, w, progress=False):
 
 @torch.no_grad()
 def student(s: Student, x, ts, c: Text, u: Text, w, progress=False):
-    """A distilled student (guidance.Student): plain Euler, one pass per step, guidance w in z.
+    """A distilled student (guidance.Student): plain Euler on v_S(x, z^), one pass per step, z^ of
+    Eq. 7 (or a baseline's term) carrying w.
     Its term depends on w, c and ∅ only, not on x or t, so it is computed once for a constant w
     and once per step for a schedule. Every step's w must lie in the student's trained range."""
     for v in per_step(w, ts):

@@ -14,7 +14,7 @@ def colour_stats(x):
     """Colour statistics of images x (N, C, H, W), uint8 or float in [-1, 1], on a [0, 1] scale:
     "mean" and "std" per channel (over every pixel of every image), and "saturation", the mean of
     HSV's S = (max - min) / max of each pixel's R, G, B (0 for black), or None for grayscale."""
-    x01 = (to_float(x) if x.dtype == torch.uint8 else x.float()).cpu().add(1).div(2)  # (N, C, H, W)
+    x01 = to_float(x).cpu().add(1).div(2)  # (N, C, H, W)
     stats = {"mean": x01.mean(dim=(0, 2, 3)).tolist(), "std": x01.std(dim=(0, 2, 3), correction=0).tolist(),
              "saturation": None}
     if x01.shape[1] == 3:

@@ -96,8 +96,9 @@ def words(text):
 
 
 def to_float(x):
-    """uint8 images (B, C, H, W) -> float32 in [-1, 1]."""
-    return x.float() / 127.5 - 1.0
+    """uint8 images (B, C, H, W) -> float32 in [-1, 1]; float images (already in [-1, 1]) stay as
+    they are, in float32."""
+    return x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.float()
 
 
 def to_uint8(x):

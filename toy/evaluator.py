@@ -17,10 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F_
 from tqdm import tqdm
 
-
-def _to_float(x):
-    """uint8 images -> float32 in [-1, 1]; float images (already in [-1, 1]) stay as they are."""
-    return x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.float()
+from .data import to_float
 
 
 def conv_block(c_in, c_out):
@@ -86,7 +83,7 @@ def train_evaluator(data, steps=2000, batch_size=256, lr=2e-3, device="cpu", see
     losses = []
     for step in tqdm(range(steps), desc="evaluator", disable=not progress):
         idx = torch.randint(len(data.train_x), (batch_size,), generator=generator)  # (B,)
-        x = _to_float(data.train_x[idx].to(device))  # (B, C, 32, 32)
+        x = to_float(data.train_x[idx].to(device))  # (B, C, 32, 32)
         y = data.train_y[idx].to(device)  # (B, A)
         loss = sum(F_.cross_entropy(logits, y[:, a]) for a, logits in enumerate(model(x)))
         opt.zero_grad(set_to_none=True)
@@ -105,7 +102,7 @@ def _batches(evaluator, x, batch_size):
     """Yield x's batches moved to the evaluator's device as float in [-1, 1] (uint8 is converted)."""
     device = next(evaluator.parameters()).device
     for i in range(0, len(x), batch_size):
-        yield _to_float(x[i:i + batch_size].to(device))  # (b, C, H, W)
+        yield to_float(x[i:i + batch_size].to(device))  # (b, C, H, W)
 
 
 @torch.no_grad()

@@ -9,6 +9,8 @@ import os
 import torch
 from torchvision.utils import make_grid, save_image
 
+from tinyteef.checkpoint import atomic_write
+
 from . import plot
 from .data import to_uint8
 
@@ -152,5 +154,5 @@ def write_report(out, info, table, sweep, grid_methods, grid_ws, sections=()):
               f"{', '.join(grid_methods)} (same prompts and noise in every block).", "",
               "![w grid](grid_w.png)", ""]
     lines += [f"- {name}: ![{name}]({r['grid']})" for name, r in table.items()]
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    text = ("\n".join(lines) + "\n").encode()
+    atomic_write(os.path.join(out, "report.md"), lambda f: f.write(text))

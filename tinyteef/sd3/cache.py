@@ -16,6 +16,7 @@ import os
 
 import torch
 
+from ..checkpoint import atomic_write
 from ..guidance import Text
 from ..safetensors import load_file, save_file
 from .data import load_image
@@ -40,8 +41,8 @@ def check_settings(folder, settings):
                                  f"for {settings.get(k)!r}: delete {folder} to encode again, or use another --out")
         return
     os.makedirs(os.path.join(folder, "items"), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(settings, f, indent=1)
+    text = json.dumps(settings, indent=1).encode()
+    atomic_write(path, lambda f: f.write(text))
 
 
 def encode_items(folder, items, rows, encode_text, vae, resolution, batch_size, progress=None):
@@ -88,8 +89,9 @@ def write_index(folder, items, skipped):
     missing = [i for i in valid if not os.path.isfile(item_path(folder, i))]
     if missing:
         raise RuntimeError(f"{len(missing)} cache items were not written (first: row {missing[0]})")
-    with open(os.path.join(folder, "index.json"), "w") as f:
-        json.dump({"rows": valid, "captions": [items[i][1] for i in valid], "skipped": sorted(skipped)}, f)
+    # atomically: index.json is the mark of a complete cache, so a half-written one must never exist
+    text = json.dumps({"rows": valid, "captions": [items[i][1] for i in valid], "skipped": sorted(skipped)}).encode()
+    atomic_write(os.path.join(folder, "index.json"), lambda f: f.write(text))
 
 
 def is_complete(folder):
