@@ -9,7 +9,8 @@
 DATA_DIR holds images with captions: NAME.txt beside each image, or a metadata.jsonl with
 "file_name" and "text". Stage 1 encodes every image (VAE) and caption (text encoders) once into
 OUT/cache and frees the encoders. Stage 2 is Alg. 1: the student starts as a copy of the teacher;
-each step draws t (logit-normal), w ~ U[w_min, w_max] and noise for a batch, asks the frozen teacher
+each step draws t ~ U[0, 1] (Alg. 1; --t-dist logit-normal for SD3's pre-training draw),
+w ~ U[w_min, w_max] and noise for a batch, asks the frozen teacher
 sampler (CFG, Z-Sampling or W2SD, in bf16) for its velocity target, and fits the student's one
 pass with the Eq. 7 term in z. The batch (128, as the paper) is split into micro-batches, summed
 by gradient accumulation, and over the processes by DDP.
@@ -22,6 +23,7 @@ OUT/student/ is the student as a diffusers-layout SD3 folder (for our sampler an
 
 import argparse
 import copy
+import dataclasses
 import inspect
 import json
 import math
@@ -38,8 +40,8 @@ from tqdm.auto import tqdm
 
 from tinyteef import checkpoint, samplers
 from tinyteef.bench import Meter
-from tinyteef.distill import REFLECTION_TARGETS, TEACHERS, DistillConfig, distill_step
-from tinyteef.flow import shift, time_grid
+from tinyteef.distill import REFLECTION_TARGETS, TEACHERS, DistillConfig, distill_step, effective_guidance
+from tinyteef.flow import T_DISTS, shift, time_grid
 from tinyteef.guidance import STUDENT_KINDS, TEEFUSION_DIVISOR, DistillCFG, Student
 from tinyteef.mmdit import MMDiT, MMDiTConfig
 from tinyteef.sd3 import cache
@@ -53,7 +55,7 @@ from tinyteef.sd3.tiny import randomize, write_tiny_sd3
 # it changes the results by float rounding only.)
 RUN_KEYS = ("model", "weak_model", "random_init", "data", "teacher", "student", "teefusion_divisor",
             "resolution", "batch_size", "lr", "w_min", "w_max", "w_inv", "w_weak", "sample_steps", "shift",
-            "reflection_target", "t5_length", "synthetic_size", "seed")
+            "reflection_target", "t_dist", "t5_length", "synthetic_size", "seed")
 
 
 def parse_args(argv=None):
@@ -76,14 +78,22 @@ def parse_args(argv=None):
     m.add_argument("--student", default="teefusion", choices=STUDENT_KINDS,
                    help="how w enters z: Eq. 7 (default), DistillCFG's new MLP, or the G(psi(w)) ablation")
     m.add_argument("--teefusion-divisor", type=float, default=TEEFUSION_DIVISOR,
-                   help="divisor of the Eq. 7 term (the authors' code: 256; the paper: 1)")
+                   help="divisor of the Eq. 7 term, and of the G(psi(w)) ablation's (the authors' code: 256; "
+                        "the paper: 1)")
     m.add_argument("--w-min", type=float, default=2.0)
     m.add_argument("--w-max", type=float, default=14.0, help="w ~ U[w-min, w-max] (paper: [2, 14])")
     m.add_argument("--w-inv", type=float, default=-1.0, help="Z-Sampling's inversion guidance")
-    m.add_argument("--w-weak", type=float, default=0.0, help="W2SD's weak-model guidance")
+    m.add_argument("--w-weak", type=float, default=None,
+                   help="W2SD's weak-model guidance (default: the strong w, CFG on all three passes, to first "
+                        "order CFG at w plus the strong-minus-weak difference; 0, the W2SD reference code's, "
+                        "is about CFG at 2w)")
     m.add_argument("--sample-steps", type=int, default=28, help="the grid the student will sample with")
     m.add_argument("--shift", type=float, default=3.0, help="... and its time shift (SD3 at 1024 px: 3)")
-    m.add_argument("--reflection-target", default="reach", choices=REFLECTION_TARGETS)
+    m.add_argument("--reflection-target", default="reach", choices=REFLECTION_TARGETS,
+                   help="reach: the velocity that reaches the teacher's reflected step in one Euler step; "
+                        "refined: the teacher's CFG velocity at the reflected point x~")
+    m.add_argument("--t-dist", default="uniform", choices=T_DISTS,
+                   help="p(t) of Alg. 1: uniform (the paper's t ~ U[0, 1]) or logit-normal (SD3's pre-training)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--steps", type=int, default=10000, help="optimizer steps (paper: loss flat after 10k)")
     o.add_argument("--batch-size", type=int, default=128, help="samples per optimizer step, all processes")
@@ -218,14 +228,16 @@ def global_rows(seed, step, batch_size, n):
     return [perms[p // n][p % n].item() for p in positions]
 
 
-def save_student(args, student, model_dir, step):
+def save_student(args, student, model_dir, step, cfg):
     """OUT/student: the student as an SD3 folder in the diffusers layout (transformer/ written, the
-    other components linked to the teacher's folder), swapped in whole."""
+    other components linked to the teacher's folder), swapped in whole. Its config.json records how
+    it was distilled: the kind, divisor and w range the sampler needs, Alg. 1's settings, and the
+    guidance it learned to first order (distill.effective_guidance)."""
     final, tmp = os.path.join(args.out, "student"), os.path.join(args.out, ".student-new")
     shutil.rmtree(tmp, ignore_errors=True)
     save_transformer(tmp, student.model, student.H, {STUDENT_RECORD: {
         "student_kind": student.kind, "teefusion_divisor": student.divisor, "w_range": list(student.w_range),
-        "teacher": args.teacher, "step": step}})
+        "distill": dataclasses.asdict(cfg), "effective_guidance": effective_guidance(cfg), "step": step}})
     if model_dir is not None:
         link_components(tmp, model_dir)
     old = os.path.join(args.out, ".student-old")
@@ -308,7 +320,9 @@ def main(argv=None):
 
     cfg = DistillConfig(teacher=args.teacher, w_min=args.w_min, w_max=args.w_max, w_inv=args.w_inv,
                         w_weak=args.w_weak, sample_steps=args.sample_steps, shift=args.shift,
-                        reflection_target=args.reflection_target)
+                        reflection_target=args.reflection_target, t_dist=args.t_dist)
+    log0(rank, f"teacher: {args.teacher}, to first order in the step {effective_guidance(cfg)} "
+               f"(w ~ U[{args.w_min:g}, {args.w_max:g}], t ~ {args.t_dist})")
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
     start = 0
     if args.resume:
@@ -378,7 +392,7 @@ def main(argv=None):
             if args.save_every and (done % args.save_every == 0 or done == args.steps):
                 checkpoint.save({"student": student.state_dict(), "optimizer": opt.state_dict(), "step": done,
                                  "config": run}, ckpt_path)
-                save_student(args, student, model_dir, done)
+                save_student(args, student, model_dir, done, cfg)
             if vae is not None and args.preview_every and done % args.preview_every == 0:
                 with autocast:
                     preview(args, student, teacher, weak, vae, data, device, done)

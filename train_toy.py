@@ -34,7 +34,7 @@ import torch.nn.functional as F_
 from tqdm.auto import tqdm
 
 from tinyteef import checkpoint, samplers
-from tinyteef.distill import DistillConfig, distill_step
+from tinyteef.distill import DistillConfig, distill_step, effective_guidance
 from tinyteef.flow import interpolate, sample_t_logit_normal, velocity_target
 from tinyteef.guidance import TEEFUSION_DIVISOR, DistillCFG, Student
 from tinyteef.mmdit import MMDiT, MMDiTConfig
@@ -189,7 +189,7 @@ def teacher_methods(teacher, weak, w):
         "Teacher Euler+CFG": lambda x, ts, c, u: samplers.euler_cfg(teacher, x, ts, c, u, w),
         "Teacher naive fusion (Eq. 5)": lambda x, ts, c, u: samplers.naive(teacher, x, ts, c, u, w),
         "Teacher Z-Sampling+CFG": lambda x, ts, c, u: samplers.z_sampling(teacher, x, ts, c, u, w),
-        "Teacher W2SD+CFG": lambda x, ts, c, u: samplers.w2sd(teacher, weak, x, ts, c, u, w, w_weak=None),
+        "Teacher W2SD+CFG": lambda x, ts, c, u: samplers.w2sd(teacher, weak, x, ts, c, u, w),
     }
 
 
@@ -208,9 +208,11 @@ STUDENTS = {
 
 def distill_config(P, kind):
     """Alg. 1's settings for teacher sampler `kind`: the students train for the toy's own sampling
-    grid (P.sample_steps, shift 1) and W2SD's weak model inverts at the strong w."""
-    return DistillConfig(teacher=kind, w_min=P.w_min, w_max=P.w_max, w_weak=None,
-                         sample_steps=P.sample_steps, shift=1.0)
+    grid (P.sample_steps, shift 1), with t ~ P.t_dist; the inversion guidance is the samplers'
+    default (Z-Sampling at w_inv = -1, W2SD's weak model at the strong w), as in train_sd3.py."""
+    return DistillConfig(teacher=kind, w_min=P.w_min, w_max=P.w_max, sample_steps=P.sample_steps, shift=1.0,
+                         t_dist=P.t_dist)
+
 
 
 def stage_students(data, P, device, out, seed, teacher, weak, text, bank, kind):
@@ -335,6 +337,10 @@ def main(argv=None):
         students.update(found)
     for name, s in students.items():
         table[name] = scored(name, student_method(s, P.w), table[STUDENTS[name][2]]["x"])
+    kinds = {"Teacher Euler+CFG": "cfg", "Teacher Z-Sampling+CFG": "zsampling", "Teacher W2SD+CFG": "w2sd",
+             **{name: spec[0] for name, spec in STUDENTS.items()}}
+    for name, r in table.items():  # what each row amounts to, to first order in the step
+        r["guidance"] = effective_guidance(distill_config(P, kinds[name]), P.w) if name in kinds else "—"
 
     def at(name):
         """The teacher sampler or student `name` as a function of w (a number or a schedule)."""
@@ -382,7 +388,7 @@ def main(argv=None):
         "teacher": f"MMDiT {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f} M parameters, "
                    f"{P.layers} blocks of width {P.width}, {P.teacher_steps} steps at batch {P.batch}",
         "students": f"{P.distill_steps} steps at batch {P.distill_batch}, AdamW lr {P.distill_lr}, "
-                    f"w ~ U[{P.w_min}, {P.w_max}]",
+                    f"w ~ U[{P.w_min}, {P.w_max}], t ~ {P.t_dist}",
         "sampling": f"{P.sample_steps} Euler steps, shift 1; scores over {P.n_eval} images "
                     f"(sweep: {max(P.n_eval // 2, 8)}); ms / image at batch {min(P.time_batch, P.n_eval)}",
         "wall time": f"{time.time() - started:.0f} s this invocation, {time.time() - first:.0f} s "

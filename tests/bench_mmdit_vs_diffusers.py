@@ -1,8 +1,11 @@
 """Benchmark (not a test): our MMDiT against diffusers' SD3Transformer2DModel, same weights, same GPU,
 same process. Forward time at SD3-medium size, bf16, 1024 x 1024 (128 x 128 latents), 333 text tokens.
 
-    python tests/bench_mmdit_vs_diffusers.py --batch 1 4
-    python tests/bench_mmdit_vs_diffusers.py --batch 1 4 --compile ours   (ours through torch.compile)
+    python tests/bench_mmdit_vs_diffusers.py --batch 1 4                  (both eager)
+    python tests/bench_mmdit_vs_diffusers.py --batch 1 4 --compile both   (both through torch.compile)
+
+Compare like with like: eager with eager, compiled with compiled. `--compile ours` (ours compiled,
+diffusers eager) measures the compiler's gain, not a difference between the two models.
 
 diffusers is a test-only reference here, as everywhere in this project.
 """

@@ -7,7 +7,7 @@ import torch
 
 from conftest import TINY, random_mmdit
 from test_samplers import Field, text
-from tinyteef.distill import DistillConfig, distill_step, sample_training_point, teacher_target
+from tinyteef.distill import DistillConfig, distill_step, effective_guidance, sample_training_point, teacher_target
 from tinyteef.flow import interpolate, sample_t_logit_normal, velocity_target
 from tinyteef.guidance import Student, Text, guided_velocity
 from tinyteef.mmdit import MMDiT, MMDiTConfig
@@ -62,6 +62,52 @@ def test_w2sd_reach_target_on_linear_fields_by_hand():
     assert torch.allclose(target, 0.625 * X)
     with pytest.raises(ValueError, match="needs a weak model"):
         teacher_target(strong, X, T, 0, c, u, cfg)
+
+
+class Smooth:
+    """A smooth nonlinear velocity field: v = p0 tanh(x + p1) + p2 cos(2t) x, (p0, p1, p2) the
+    first pooled channels scaled by `k` (a second k is W2SD's weak model)."""
+
+    def __init__(self, k=1.0):
+        self.k = k
+
+    def __call__(self, x, t, tokens, pooled, extra=None):
+        p = self.k * pooled[:, :3, None, None, None].to(x.dtype)  # (B, 3, 1, 1, 1)
+        t = t.to(x.dtype).reshape(-1, 1, 1, 1)
+        return p[:, 0] * torch.tanh(x + p[:, 1]) + p[:, 2] * torch.cos(2 * t) * x
+
+
+@pytest.mark.parametrize("case", ["zsampling", "w2sd_weak_at_w", "w2sd_weak_at_0", "refined"])
+def test_reflection_target_is_its_effective_cfg_to_first_order(case):
+    # distill.py's expansion: reach = CFG at 2w - a (+ strong minus weak at a) + O(Δ); refined =
+    # CFG at w + O(Δ). On a nonlinear field the gap is not 0 and halves when Δ halves.
+    strong, weak = Smooth(1.0), Smooth(0.6)
+    c = Text(torch.zeros(2, 2, 4), torch.tensor([[1.0, 0.3, -0.8], [0.7, -0.2, 0.5]]))
+    u = Text(torch.zeros(2, 2, 4), torch.tensor([[0.4, 0.1, 0.2], [0.2, 0.3, -0.4]]))
+    x = torch.linspace(-1.5, 1.5, 2 * 9, dtype=torch.float64).reshape(2, 1, 3, 3)
+    t, w = torch.tensor([0.6, 0.6], dtype=torch.float64), torch.tensor([2.0, 5.0])
+    g = lambda net, a: guided_velocity(net, x, t, c, u, a)
+    cfg, expected = {
+        "zsampling": (dict(teacher="zsampling", w_inv=-1.0), g(strong, 2 * w + 1)),
+        "w2sd_weak_at_w": (dict(teacher="w2sd", w_weak=None), g(strong, w) + g(strong, w) - g(weak, w)),
+        "w2sd_weak_at_0": (dict(teacher="w2sd", w_weak=0.0), g(strong, 2 * w) + g(strong, 0) - g(weak, 0)),
+        "refined": (dict(teacher="w2sd", reflection_target="refined"), g(strong, w)),
+    }[case]
+    gaps = [(teacher_target(strong, x, t, w, c, u, DistillConfig(sample_steps=n, shift=1.0, **cfg), weak=weak)
+             - expected).square().mean().sqrt().item() for n in (20, 40, 80, 160)]  # RMS gap, Δ = 1/n
+    assert gaps[0] > 1e-3, gaps  # the field is nonlinear enough for Δ to matter
+    for a, b in zip(gaps, gaps[1:]):
+        assert 1.8 < a / b < 2.25, gaps  # first order: the gap is proportional to Δ
+
+
+def test_effective_guidance_names_each_target():
+    assert effective_guidance(DistillConfig(teacher="cfg"), 5) == "CFG at w = 5"
+    assert effective_guidance(DistillConfig(teacher="zsampling"), 5) == "CFG at 2w + 1 = 11"
+    assert effective_guidance(DistillConfig(teacher="zsampling", w_inv=2.0), 5) == "CFG at 2w - 2 = 8"
+    assert effective_guidance(DistillConfig(teacher="w2sd"), 5) == "CFG at w = 5 + (strong - weak)"
+    assert effective_guidance(DistillConfig(teacher="w2sd", w_weak=0.0), 5) == "CFG at 2w = 10 + (strong - weak)"
+    assert effective_guidance(DistillConfig(teacher="w2sd", reflection_target="refined"), 5) == "CFG at w = 5"
+    assert effective_guidance(DistillConfig(teacher="zsampling")) == "CFG at 2w + 1"  # the formula alone
 
 
 def test_training_point_ranges():

@@ -2,10 +2,11 @@
 
 import math
 
+import pytest
 import torch
 
 from conftest import oracle
-from tinyteef.flow import (euler_invert, euler_step, interpolate, next_t, sample_t_logit_normal,
+from tinyteef.flow import (T_DISTS, euler_invert, euler_step, interpolate, next_t, sample_t, sample_t_logit_normal,
                            shift, time_grid, unshift, velocity_target)
 from tinyteef.samplers import euler_sampler, sample_loop
 
@@ -54,6 +55,43 @@ def test_logit_normal_quantiles():
     frac = (t < 1 / (1 + math.exp(-1.5))).float().mean().item()
     assert abs(frac - 0.5 * (1 + math.erf(1 / math.sqrt(2)))) < 3e-3
     assert t.min() > 0 and t.max() < 1
+
+
+def ks_distance(draws, cdf):
+    """Kolmogorov-Smirnov statistic: sup over t of |empirical CDF - cdf(t)|."""
+    x = draws.double().sort().values
+    n = len(x)
+    F = cdf(x)
+    return max((torch.arange(1, n + 1) / n - F).max().item(), (F - torch.arange(n) / n).max().item())
+
+
+def test_t_draws_follow_their_closed_form_cdfs():
+    # Alg. 1's U[0, 1] has CDF t; the logit-normal's is Phi((logit t - m) / s). Kolmogorov-Smirnov
+    # at n = 20,000: the 0.1% critical distance is 1.95 / sqrt(n) = 0.0138.
+    n, crit = 20_000, 1.95 / math.sqrt(20_000)
+    phi = lambda z: 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+    cdfs = {"uniform": lambda t: t, "logit-normal": lambda t: phi((torch.log(t / (1 - t)) - 0.5) / 1.5)}
+    draws = {d: sample_t(n, d, mean=0.5, std=1.5, generator=torch.Generator().manual_seed(1)) for d in T_DISTS}
+    for d in T_DISTS:
+        assert ks_distance(draws[d], cdfs[d]) < crit, d
+        assert draws[d].min() > 0 and draws[d].max() <= 1
+    # each is far from the other's CDF: the test tells them apart
+    assert ks_distance(draws["uniform"], cdfs["logit-normal"]) > 5 * crit
+    assert ks_distance(draws["logit-normal"], cdfs["uniform"]) > 5 * crit
+    with pytest.raises(ValueError, match="unknown t distribution 'beta'"):
+        sample_t(4, "beta")
+
+
+def test_sd3_grid_mass_above_three_quarters():
+    # The 14 of 28 steps of SD3's shift-3 grid above t = 0.75 (shift(0.5, 3) = 0.75): 25% of U[0, 1]
+    # and P(sigmoid(u) > 0.75) = 1 - Phi(ln 3) = 13.6% of the standard logit-normal.
+    ts = time_grid(28, 3.0)
+    assert (ts[:-1] > 0.75).sum() == 14 and abs(ts[14].item() - 0.75) < 1e-6
+    g = torch.Generator().manual_seed(0)
+    assert abs((sample_t(200_000, "uniform", generator=g) > 0.75).float().mean().item() - 0.25) < 3e-3
+    expected = 1 - 0.5 * (1 + math.erf(math.log(3) / math.sqrt(2)))
+    assert abs(expected - 0.136) < 1e-3
+    assert abs((sample_t(200_000, "logit-normal", generator=g) > 0.75).float().mean().item() - expected) < 3e-3
 
 
 def test_euler_on_linear_field_closed_form():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import TINY, oracle, random_mmdit
+from conftest import TINY, assert_close_to_reference, oracle, random_mmdit
 from tinyteef.guidance import (DistillCFG, Student, Text, cfg, gpsi_term, guided_velocity, naive_fusion,
                                teefusion_term, w_from_guidance_scale)
 
@@ -91,12 +91,18 @@ def test_eq7_equals_the_authors_formula():
     assert (v_ours - ours(x, t, c.tokens, c.pooled)).abs().max() > 1e-3  # the term changes the output
 
 
-def test_gpsi_ablation_is_G_of_psi_of_w():
+@pytest.mark.parametrize("divisor", [1.0, 256.0])
+def test_gpsi_ablation_is_G_of_psi_of_w_over_the_teefusion_divisor(divisor):
+    # Table 3 compares the ablation with the full term: both are divided by the same divisor
     ours, ref = _shared_weights()
     w = torch.tensor([3.0, 9.0])
     tte = ref.time_text_embed
+    c = Text(torch.randn(2, 5, 12), torch.randn(2, 10))
+    u = Text(torch.zeros(1, 5, 12), torch.zeros(1, 10))
     with torch.no_grad():
-        assert torch.allclose(gpsi_term(ours, w), tte.timestep_embedder(tte.time_proj(1000 * w)), atol=1e-6)
+        expected = tte.timestep_embedder(tte.time_proj(1000 * w)) / divisor
+        assert_close_to_reference(gpsi_term(ours, w, divisor), expected)
+        assert_close_to_reference(Student(ours, "gpsi_ablation", divisor=divisor).term(w, c, u), expected)
 
 
 def test_distillcfg_starts_as_the_teacher():

@@ -95,12 +95,14 @@ def test_forward_pass_counts(N):
 
 
 def test_default_inversion_guidance_skips_one_pass_per_reflected_step():
-    # Z-Sampling's default w_inv = -1 needs v(∅) only; W2SD's default w_weak = 0 needs v(c) only:
-    # 5 passes made on each of the 3 reflected steps, 2 on the last; nominal 6 * 3 + 2
+    # Z-Sampling's default w_inv = -1 needs v(∅) only; W2SD with w_weak = 0 needs v(c) only:
+    # 5 passes made on each of the 3 reflected steps, 2 on the last; nominal 6 * 3 + 2. W2SD's
+    # default w_weak = None inverts with CFG at w: all 6 passes made.
     c, u, ts = text(1.0), text(3.0), time_grid(4)
     for s in (samplers.z_sampling(Field(), X0, ts, c, u, 2.0),
-              samplers.w2sd(Field(), Field(), X0, ts, c, u, 2.0)):
+              samplers.w2sd(Field(), Field(), X0, ts, c, u, 2.0, w_weak=0.0)):
         assert (s.passes, s.nominal, s.skipped) == (17, 20, 3)
+    assert samplers.w2sd(Field(), Field(), X0, ts, c, u, 2.0).passes == 20
     # reflect_steps = 1: one reflected step (5 passes), three plain CFG steps (2 each)
     s = samplers.z_sampling(Field(), X0, ts, c, u, 2.0, reflect_steps=1)
     assert (s.passes, s.nominal) == (11, 12)

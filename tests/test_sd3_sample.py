@@ -47,8 +47,8 @@ def test_every_sampler_writes_an_image(tiny_sd3, tmp_path, sampler, capsys):
     image = sample("default.png")
     assert image.shape == (48, 32, 3)
     # passes per step over 3 steps: Z-Sampling skips one pass of each of its 2 reflected steps
-    # (w_inv = -1), W2SD one (w_weak = 0): (5 + 5 + 2) / 3 = 4
-    expected = {"euler": "1", "cfg": "2", "naive": "1", "zsampling": "4", "w2sd": "4", "teefusion": "1"}
+    # (w_inv = -1): (5 + 5 + 2) / 3 = 4; W2SD inverts with CFG at w (w_weak = None): (6 + 6 + 2) / 3
+    expected = {"euler": "1", "cfg": "2", "naive": "1", "zsampling": "4", "w2sd": "4.66667", "teefusion": "1"}
     assert f"{sampler}: {expected[sampler]} forward passes per step" in capsys.readouterr().out
     if sampler != "euler":  # euler never uses ∅; the others guide away from the negative prompt
         assert not np.array_equal(sample("negative.png", ["--negative-prompt", "a blue dog"]), image)

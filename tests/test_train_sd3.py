@@ -154,6 +154,24 @@ def test_distillcfg_student_saves_its_guidance_mlp_and_record(models, data, tmp_
     assert student.kind == "distillcfg" and student.w_range == (3.0, 9.0)
     assert torch.equal(student.H.linear_2.weight, state["H.linear_2.weight"])
     assert student.H.linear_2.weight.abs().sum() > 0  # trained away from its zero init
+    record = json.loads((out / "student" / "transformer" / "config.json").read_text())["tinyteef"]
+    assert record["distill"]["t_dist"] == "uniform" and record["effective_guidance"] == "CFG at w"
+
+
+def test_t_dist_and_effective_guidance_are_recorded(models, data, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train_sd3.parse_args(["--help"])
+    assert "--t-dist {uniform,logit-normal}" in capsys.readouterr().out
+    out = tmp_path / "ln"
+    train_sd3.main(argv(models, data, out, "zsampling", 1, "--t-dist", "logit-normal", "--preview-every", "0"))
+    assert "to first order in the step CFG at 2w + 1" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["t_dist"] == "logit-normal"
+    record = json.loads((out / "student" / "transformer" / "config.json").read_text())["tinyteef"]
+    assert record["distill"]["t_dist"] == "logit-normal" and record["distill"]["w_inv"] == -1.0
+    assert record["effective_guidance"] == "CFG at 2w + 1"
+    # a resume with another p(t) is another run: refused
+    with pytest.raises(SystemExit, match="--t-dist 'logit-normal'"):
+        train_sd3.main(argv(models, data, out, "zsampling", 2, "--preview-every", "0", "--resume"))
 
 
 def test_random_init_tiny_runs_without_data(tmp_path):

@@ -101,6 +101,12 @@ def test_whole_run_then_cached_then_refused(tmp_path, monkeypatch):
         assert os.path.exists(os.path.join(out, name)), name
     report = open(os.path.join(out, "report.md")).read()
     assert report.count("\n| ") >= 2 + len(train_toy.STUDENTS) + 5  # header rows, 5 teachers, students
+    # each row says its effective guidance at w = 5, its students the same as their teacher
+    for name in ("Teacher Z-Sampling+CFG", "TeEFusion from Z-Sampling+CFG"):
+        assert f"\n| {name} | CFG at 2w + 1 = 11 |" in report, name
+    for name in ("Teacher W2SD+CFG", "DistillCFG from W2SD+CFG", "G(psi(w)) from W2SD+CFG"):
+        assert f"\n| {name} | CFG at w = 5 + (strong - weak) |" in report, name
+    assert "\n| Teacher Euler+CFG | CFG at w = 5 |" in report and "t ~ uniform" in report
     for section in ("Guidance schedule against the constant w = 5, at equal cost", "Negative prompts",
                     "Fidelity: each student's velocity error", "Colour across w", "Loss curves of every training stage"):
         assert f"\n## {section}" in report, section

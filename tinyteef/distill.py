@@ -2,7 +2,7 @@
 
     student <- copy of teacher                                         (line 1)
     repeat:
-      x0, c ~ data; t ~ p(t); w ~ U[w_min, w_max]; eps ~ N(0, I)       (lines 3-6)
+      x0, c ~ data; t ~ U[0, 1]; w ~ U[w_min, w_max]; eps ~ N(0, I)    (lines 3-6)
       x_t = (1 - t) x0 + t eps                                         (line 7)
       target = (1 + w) v_T(x_t, t, c) - w v_T(x_t, t, ∅)               (line 8, Eq. 2)
       if reflection: refine target with Eq. 3-4                        (lines 9-11)
@@ -13,13 +13,36 @@
 training script can accumulate gradients over several calls. train_toy.py and train_sd3.py call it.
 Several students may share one teacher target (the toy trains TeEFusion, DistillCFG and the
 G(psi(w)) ablation on the same W2SD+CFG targets).
+
+What a reflection target teaches, to first order in the step Δ = t - t_next (a Taylor expansion of
+Eq. 3-4 around (x_t, t); v_s is the strong teacher's CFG velocity at w, v_inv the inverter's):
+
+    x'  = x_t - Δ v_s(x_t)                      = x_t - Δ v_s + O(Δ²)
+    x~  = x'  + Δ v_inv(x', t - Δ)              = x_t - Δ (v_s - v_inv) + O(Δ²)
+    x'' = x~  - Δ v_s(x~)                       = x_t - Δ (2 v_s - v_inv) + O(Δ²)
+
+so the "reach" target (x'' - x_t) / (-Δ) is 2 v_s - v_inv + O(Δ). With v_s = (1 + w) v(c) - w v(∅)
+and an inverter guided at a, v_inv = (1 + a) v'(c) - a v'(∅):
+
+    2 v_s - v_inv = CFG at (2w - a) of the strong model + [CFG at a of the strong model - of the inverter].
+
+- Z-Sampling (the inverter is the teacher itself, a = w_inv): the bracket is 0, the target is CFG at
+  2w - w_inv; with the reference code's w_inv = -1, CFG at 2w + 1.
+- W2SD (the weak model inverts at a = w_weak): with w_weak = w (our default, `None`), CFG at w plus
+  the strong-minus-weak difference of their CFG velocities at w; with w_weak = 0 (the W2SD
+  reference code's weak guidance scale 1), about CFG at 2w plus the difference of the conditional
+  predictions.
+- "refined" (the strong velocity at x~ = x_t + O(Δ)): CFG at w, plus O(Δ).
+So students of different teachers "at w = 5" learn different guidance; `effective_guidance` says
+which, and the toy's report prints it beside every row. (tests/test_distill.py checks the
+expansion on a smooth nonlinear field: the gap shrinks linearly with Δ.)
 """
 
 from dataclasses import dataclass
 
 import torch
 
-from .flow import interpolate, next_t, sample_t_logit_normal
+from .flow import T_DISTS, interpolate, next_t, sample_t
 from .guidance import PAPER_W_RANGE, Student, Text, guided_velocity
 from .samplers import reflect, reflected_point
 
@@ -32,12 +55,16 @@ class DistillConfig:
     teacher: str = "w2sd"  # the teacher's sampler: cfg | zsampling | w2sd
     w_min: float = PAPER_W_RANGE[0]  # w ~ U[w_min, w_max], paper's convention (Sec. 6.1: [2, 14])
     w_max: float = PAPER_W_RANGE[1]
-    w_inv: float = -1.0  # Z-Sampling's inversion guidance (paper's w; -1 = unconditional)
-    w_weak: float | None = 0.0  # W2SD's weak-model guidance (paper's w; 0 = conditional only; None = w)
+    w_inv: float = -1.0  # Z-Sampling's inversion guidance (paper's w; -1 = unconditional, its reference code)
+    # W2SD's weak-model guidance (paper's w). None = the strong w: CFG on all three passes, the
+    # paper's "6x" (Sec. 3.2), and to first order CFG at w plus the strong-minus-weak difference, so
+    # w means what it means for Euler+CFG. 0 (the W2SD reference code) is about CFG at 2w.
+    w_weak: float | None = None
     sample_steps: int = 28  # the grid the student will sample with: sets the reflection step
     shift: float = 3.0  # ... and its time shift (SD3 at 1024 px: 3; toy: 1)
     reflection_target: str = "reach"  # reach | refined, see teacher_target
-    t_mean: float = 0.0  # logit-normal p(t), as the SD3 teacher was trained
+    t_dist: str = "uniform"  # p(t) of Alg. 1 line 4: uniform (the paper's) | logit-normal (SD3's pre-training)
+    t_mean: float = 0.0  # the logit-normal's parameters (SD3: 0, 1)
     t_std: float = 1.0
 
     def __post_init__(self):
@@ -46,15 +73,33 @@ class DistillConfig:
         if self.reflection_target not in REFLECTION_TARGETS:
             raise ValueError(f"unknown reflection_target {self.reflection_target!r}; "
                              f"choose one of {', '.join(REFLECTION_TARGETS)}")
+        if self.t_dist not in T_DISTS:
+            raise ValueError(f"unknown t_dist {self.t_dist!r}; choose one of {', '.join(T_DISTS)}")
         if not self.w_min <= self.w_max:
             raise ValueError(f"need w_min <= w_max, got {self.w_min} > {self.w_max}")
 
 
+def effective_guidance(cfg: DistillConfig, w=None):
+    """What the teacher sampler (and a student distilled from it) amounts to at guidance w, to first
+    order in the step (the expansion in this module's docstring), as text for reports and records:
+    "CFG at w = 5", "CFG at 2w + 1 = 11", "CFG at w = 5 + (strong - weak)"; without w the formula
+    alone ("CFG at 2w + 1")."""
+    a = cfg.w_inv if cfg.teacher == "zsampling" else cfg.w_weak  # the inversion's guidance
+    if cfg.teacher == "cfg" or cfg.reflection_target == "refined" or a is None:  # None: W2SD at the strong w
+        form, value = "w", w
+    else:  # 2 v_s - v_inv = CFG at 2w - a (+ the bracket)
+        form = "2w" if a == 0 else f"2w {'+' if a < 0 else '-'} {abs(a):g}"
+        value = None if w is None else 2 * w - a
+    text = f"CFG at {form}" + ("" if value is None else f" = {value:g}")
+    bracket = cfg.teacher == "w2sd" and cfg.reflection_target == "reach"  # strong and inverter differ
+    return text + (" + (strong - weak)" if bracket else "")
+
+
 def sample_training_point(x0, cfg: DistillConfig, generator=None):
-    """Alg. 1 lines 4-7: t ~ logit-normal, w ~ U[w_min, w_max], eps ~ N(0, I), x_t on the path.
+    """Alg. 1 lines 4-7: t ~ p(t) (cfg.t_dist), w ~ U[w_min, w_max], eps ~ N(0, I), x_t on the path.
     x0 (B, C, H, W) -> x_t like x0, t (B,), w (B,)."""
     B, dev = x0.shape[0], x0.device
-    t = sample_t_logit_normal(B, cfg.t_mean, cfg.t_std, generator, dev)
+    t = sample_t(B, cfg.t_dist, cfg.t_mean, cfg.t_std, generator, dev)
     w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(B, generator=generator, device=dev)
     eps = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
     return interpolate(x0, eps, t), t, w
@@ -66,14 +111,16 @@ def teacher_target(teacher, x_t, t, w, c: Text, u: Text, cfg: DistillConfig, wea
 
     cfg:       Eq. 2, (1 + w) v_T(x_t, c) - w v_T(x_t, ∅).
     zsampling: reflection (Eq. 3-4) with the teacher inverting at cfg.w_inv.
-    w2sd:      reflection with `weak` inverting at cfg.w_weak.
+    w2sd:      reflection with `weak` inverting at cfg.w_weak (None: at w).
 
     The paper gives no formula for the reflection target and the authors released no training
     code. Default ("reach"): one reflection step takes x_t to the teacher's x_{t-Δ};
     the student takes plain Euler steps of the same size Δ, so its target is the velocity that
     reaches that point in one Euler step, (x_{t-Δ} - x_t) / (-Δ). Δ is the step of the student's
     sampling grid at t (flow.next_t with cfg.sample_steps, cfg.shift). Alternative ("refined"):
-    the strong teacher's CFG velocity at the reflected point x~, v_T^w(x~, t).
+    the strong teacher's CFG velocity at the reflected point x~, v_T^w(x~, t). To first order in
+    Δ, "reach" is CFG at 2w - w_inv (plus, for W2SD, the strong-minus-weak difference) and "refined"
+    is CFG at w: the module's docstring derives it, `effective_guidance` names it.
     """
     v_strong = lambda y, s: guided_velocity(teacher, y, s, c, u, w)
     if cfg.teacher == "cfg":

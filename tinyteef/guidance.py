@@ -106,10 +106,12 @@ def teefusion_term(model, w, c: Text, u: Text, divisor=TEEFUSION_DIVISOR):
     return model.embed_scalar(w) * model.F(c.pooled - u.pooled) / divisor
 
 
-def gpsi_term(model, w):
-    """Table 3's ablation "G(psi(w))": the shared timestep MLP on w alone, without F(c - ∅).
-    (B, D), or (1, D) for a number w."""
-    return model.embed_scalar(w)
+def gpsi_term(model, w, divisor=TEEFUSION_DIVISOR):
+    """Table 3's ablation "G(psi(w))": the shared timestep MLP on w alone, without F(c - ∅),
+    divided by the same divisor as the TeEFusion term it is compared with, so that both start
+    the same distance from the teacher's z (undivided, with SD3's 256 the ablation would start a
+    whole timestep embedding away). (B, D), or (1, D) for a number w."""
+    return model.embed_scalar(w) / divisor
 
 
 class DistillCFG(MLPEmbedder):
@@ -133,8 +135,9 @@ class Student(nn.Module):
     DistillCFG and G(psi(w)) baselines of Table 3).
 
     kind: "teefusion" (Eq. 7), "distillcfg" (H(psi(w)), H a new MLP, given as `H`) or
-    "gpsi_ablation" (G(psi(w)), Table 3). `divisor` scales the TeEFusion term. `w_range`: the
-    [w_min, w_max] of Alg. 1 it was distilled on (default the paper's), which sampling keeps to.
+    "gpsi_ablation" (G(psi(w)), Table 3). `divisor` divides the TeEFusion term and the ablation's
+    alike. `w_range`: the [w_min, w_max] of Alg. 1 it was distilled on (default the paper's), which
+    sampling keeps to.
     A module holding the model and H, so that one DDP wrapper around it sees every trained
     parameter, those used by the term included, inside its forward.
     """
@@ -172,7 +175,7 @@ class Student(nn.Module):
         if self.kind == "teefusion":
             return teefusion_term(self.model, w, c, u, self.divisor)
         if self.kind == "gpsi_ablation":
-            return gpsi_term(self.model, w)
+            return gpsi_term(self.model, w, self.divisor)
         return self.H(w)
 
     def forward(self, x, t, c: Text, u: Text, w, extra=None):

@@ -87,7 +87,7 @@ def reflected_point(x, t, t_next, v_strong, v_weak):
         x~  = x' + (t - t_next) v_weak(x', t_next)    invert (M_w^inv)
 
     Returns x~. The inversion evaluates the weak velocity at the less noisy point (x', t_next):
-    the exact Euler inversion for flow matching (flow.euler_invert).
+    explicit Euler run upwards (flow.euler_invert), exact on constant fields only.
     """
     x1 = euler_step(x, v_strong(x, t), t, t_next)
     return euler_invert(x1, v_weak(x1, t_next), t_next, t)
@@ -181,12 +181,14 @@ def z_sampling(model, x, ts, c: Text, u: Text, w, w_inv=-1.0, reflect_steps=None
 
 
 @torch.no_grad()
-def w2sd(strong, weak, x, ts, c: Text, u: Text, w, w_weak=0.0, reflect_steps=None, progress=False):
+def w2sd(strong, weak, x, ts, c: Text, u: Text, w, w_weak=None, reflect_steps=None, progress=False):
     """W2SD + CFG: reflection (Eq. 3-4) where a weak model (different weights) inverts.
-    Default w_weak = 0 (diffusers' scale 1, the W2SD reference code's weak guidance): the weak
-    model's conditional prediction alone, so one nominal pass of a reflected step is skipped.
-    w_weak = None inverts at the strong guidance w itself (CFG on all three passes).
-    Reflects on the first `reflect_steps` steps (default: all but the last)."""
+    Default w_weak = None: the weak model inverts at the strong guidance w itself, CFG on all three
+    passes (the paper's "6x", Sec. 3.2); to first order a step is then CFG at w plus the
+    strong-minus-weak difference (distill.py derives it). w_weak = 0 (diffusers' scale 1, the W2SD
+    reference code's weak guidance) uses the weak model's conditional prediction alone, one pass
+    fewer, and is about CFG at 2w. Reflects on the first `reflect_steps` steps (default: all but
+    the last)."""
     reflect_steps = len(ts) - 2 if reflect_steps is None else reflect_steps
     ws = per_step(w, ts)
     ws_weak = ws if w_weak is None else per_step(w_weak, ts)

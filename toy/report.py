@@ -131,12 +131,17 @@ def write_report(out, info, table, sweep, grid_methods, grid_ws, sections=()):
     lines = [f"# Toy run: {info['data']}, preset {info['preset']}", ""]
     lines += [f"- {k}: {v}" for k, v in info["facts"].items()]
     lines += ["", f"## Samplers and students at w = {info['w']} (paper's convention)", "",
-              "| method | forward passes / step (made) | nominal | ms / image | prompt accuracy | "
-              "Fréchet distance | RMS to its teacher's sample |", "|---|---|---|---|---|---|---|"]
+              "| method | effective guidance (first order) | forward passes / step (made) | nominal | ms / image | "
+              "prompt accuracy | Fréchet distance | RMS to its teacher's sample |", "|---|---|---|---|---|---|---|---|"]
     for name, r in table.items():
-        lines.append(f"| {name} | {r['passes']:.3g} | {r['nominal']:.3g} | {r['ms']:.3f} | "
+        lines.append(f"| {name} | {r.get('guidance', '—')} | {r['passes']:.3g} | {r['nominal']:.3g} | {r['ms']:.3f} | "
                      f"{100 * r['accuracy']:.1f}% | {r['fd']:.3f} | {_fmt(r.get('rms'), '.3f')} |")
     lines += ["", info["speed_line"], "",
+              "Effective guidance: what a step of the sampler (and a student distilled from it) amounts to, "
+              "to first order in the step size (tinyteef/distill.py derives it): a reflection step is "
+              "2 v_strong - v_inversion, so Z-Sampling (inverting at w = -1) is CFG at 2w + 1 and W2SD "
+              "(the weak model inverting at w) is CFG at w plus the strong-minus-weak difference. Rows of "
+              "different effective guidance are not compared at the same w. "
               "Prompt accuracy: the evaluator's prediction matches every attribute of the prompt. "
               "Fréchet distance: between the evaluator's features of the samples and of the held-out "
               "real images. RMS to its teacher's sample: per-pixel distance (images in [-1, 1]) between "
