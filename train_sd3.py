@@ -225,6 +225,7 @@ def save_student(args, student, model_dir, step):
     shutil.rmtree(tmp, ignore_errors=True)
     save_transformer(tmp, student.model, student.H, {STUDENT_RECORD: {
         "student_kind": student.kind, "teefusion_divisor": student.divisor, "w_range": list(student.w_range),
+        "w_rounding": student.w_rounding,
         "teacher": args.teacher, "step": step}})
     if model_dir is not None:
         link_components(tmp, model_dir)
