@@ -237,7 +237,8 @@ def save_student(args, student, model_dir, step, cfg):
     shutil.rmtree(tmp, ignore_errors=True)
     save_transformer(tmp, student.model, student.H, {STUDENT_RECORD: {
         "student_kind": student.kind, "teefusion_divisor": student.divisor, "w_range": list(student.w_range),
-        "distill": dataclasses.asdict(cfg), "effective_guidance": effective_guidance(cfg), "step": step}})
+        "w_rounding": student.w_rounding, "distill": dataclasses.asdict(cfg),
+        "effective_guidance": effective_guidance(cfg), "step": step}})
     if model_dir is not None:
         link_components(tmp, model_dir)
     old = os.path.join(args.out, ".student-old")

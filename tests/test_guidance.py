@@ -105,6 +105,42 @@ def test_gpsi_ablation_is_G_of_psi_of_w_over_the_teefusion_divisor(divisor):
         assert_close_to_reference(Student(ours, "gpsi_ablation", divisor=divisor).term(w, c, u), expected)
 
 
+@pytest.mark.parametrize("kind", ["teefusion", "gpsi_ablation", "distillcfg"])
+def test_authors_bf16_rounding_reaches_every_students_term(kind):
+    """With w_rounding "authors-bf16" every kind reads w = 5, 6, 12 as 1000 w = 4992, 6016, 12032
+    (by hand: bf16's 8 significant bits), with "float32" as 5000, 6000, 12000: each term against
+    diffusers' time_proj and timestep_embedder on those values."""
+    ours, ref = _shared_weights()
+    H = DistillCFG(16) if kind == "distillcfg" else None
+    g = torch.Generator().manual_seed(0)
+    if H is not None:
+        with torch.no_grad():
+            H.linear_2.weight.normal_(generator=g)  # trained away from its zero init
+    c = Text(torch.randn(3, 5, 12, generator=g), torch.randn(3, 10, generator=g))
+    u = Text(torch.randn(3, 5, 12, generator=g), torch.randn(3, 10, generator=g))
+    tte = ref.time_text_embed
+
+    def expected(values):
+        p = tte.time_proj(torch.tensor(values))
+        if kind == "distillcfg":
+            return H.linear_2(torch.nn.functional.silu(H.linear_1(p)))
+        G = tte.timestep_embedder(p)
+        return G / 256.0 if kind == "gpsi_ablation" else G * tte.text_embedder(c.pooled - u.pooled) / 256.0
+
+    w = torch.tensor([5.0, 6.0, 12.0])
+    with torch.no_grad():
+        for rounding, values in (("authors-bf16", [4992.0, 6016.0, 12032.0]), ("float32", [5000.0, 6000.0, 12000.0])):
+            got = Student(ours, kind, H, w_rounding=rounding).term(w, c, u)
+            assert_close_to_reference(got, expected(values), what=rounding)
+        assert not torch.allclose(Student(ours, kind, H, w_rounding="authors-bf16").term(w, c, u),
+                                  expected([5000.0, 6000.0, 12000.0]), atol=1e-3)
+
+
+def test_unknown_w_rounding():
+    with pytest.raises(ValueError, match="unknown w_rounding 'bf16'; choose one of float32, authors-bf16"):
+        Student(random_mmdit(), w_rounding="bf16")
+
+
 def test_distillcfg_starts_as_the_teacher():
     model = random_mmdit()
     H = DistillCFG(16)

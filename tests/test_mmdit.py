@@ -9,7 +9,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import TINY, oracle, random_mmdit
-from tinyteef.mmdit import MMDiT, MMDiTConfig, psi, psi_scaled
+from tinyteef.mmdit import MMDiT, MMDiTConfig, psi, psi_input, psi_scaled
 
 VARIANTS = {  # name: (config overrides, latent height, width)
     "sd3": ({}, 8, 8),
@@ -71,6 +71,21 @@ def test_guidance_scalar_is_not_rounded_in_bf16():
     assert got.dtype == torch.bfloat16
     assert torch.equal(got, psi(torch.tensor([6000.0])).to(torch.bfloat16))
     assert not torch.equal(got, psi(torch.tensor([6016.0])).to(torch.bfloat16))
+
+
+def test_authors_bf16_rounding_of_the_guidance_value():
+    # By hand: bf16 keeps 8 significant bits, so between 4096 and 8192 it holds multiples of 32 and
+    # between 8192 and 16384 multiples of 64; halfway cases go to the even multiple.
+    # 5000 = 156.25 * 32 -> 156 * 32 = 4992; 6000 = 187.5 * 32 -> 188 * 32 = 6016;
+    # 12000 = 187.5 * 64 -> 188 * 64 = 12032.
+    w = torch.tensor([5.0, 6.0, 12.0])
+    assert psi_input(w, "cpu", "authors-bf16").tolist() == [4992.0, 6016.0, 12032.0]
+    assert psi_input(w, "cpu", "float32").tolist() == [5000.0, 6000.0, 12000.0]
+    assert psi_input(5.0, "cpu", "authors-bf16").dtype == torch.float32  # the sinusoid stays float32
+    weight = torch.zeros(1)
+    assert torch.equal(psi_scaled(w, weight, "authors-bf16"), psi(torch.tensor([4992.0, 6016.0, 12032.0])))
+    with pytest.raises(ValueError, match="unknown w rounding 'bf16'; choose one of float32, authors-bf16"):
+        psi_input(w, "cpu", "bf16")
 
 
 def test_token_stream_is_contiguous():

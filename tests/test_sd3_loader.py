@@ -7,10 +7,12 @@ import os
 import pytest
 import torch
 
-from conftest import TINY, oracle
+from conftest import TINY, assert_close_to_reference, oracle, random_mmdit
+from tinyteef.guidance import Text
 from tinyteef.safetensors import load_file, save_file
-from tinyteef.sd3.loader import (from_original, infer_mmdit_config, load_single_file, load_text_encoder,
-                                 load_transformer, load_vae)
+from tinyteef.sd3 import loader
+from tinyteef.sd3.loader import (from_original, infer_mmdit_config, load_single_file, load_student,
+                                 load_text_encoder, load_transformer, load_vae)
 
 TINY_35 = {**TINY, "qk_norm": "rms_norm", "dual_attention_layers": (0,)}
 # without qk-norm the head size cannot be read from shapes: the loader assumes SD3's 64
@@ -75,6 +77,34 @@ def test_authors_student_and_distillcfg_layouts(tmp_path):
     assert torch.equal(H.linear_1.weight, extra["guidance_in.linear_1.weight"])
     assert torch.equal(H.linear_2.bias, extra["guidance_in.linear_2.bias"])
     assert all(torch.equal(v, ref.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_student_w_rounding_from_its_record(tmp_path):
+    """A student folder without our record (the authors' release) reads 1000 w rounded in bf16, ours
+    in float32 as recorded (a record from before the rounding was recorded means float32, the only
+    one ours were distilled with), and an explicit w_rounding overrides both. The terms against
+    diffusers' modules at 1000 w = 5000 (float32) and 4992 (bf16, by hand)."""
+    diffusers = oracle("diffusers")
+    model = random_mmdit()
+    records = {"authors": None, "ours": {"student_kind": "teefusion", "w_rounding": "float32"},
+               "older": {"student_kind": "teefusion"}}
+    for name, record in records.items():
+        loader.save_transformer(tmp_path / name, model,
+                                extra_config=None if record is None else {loader.STUDENT_RECORD: record})
+    rounding = {name: load_student(tmp_path / name).w_rounding for name in records}
+    assert rounding == {"authors": "authors-bf16", "ours": "float32", "older": "float32"}
+    assert load_student(tmp_path / "authors", w_rounding="float32").w_rounding == "float32"
+    assert load_student(tmp_path / "ours", w_rounding="authors-bf16").w_rounding == "authors-bf16"
+    ref = diffusers.SD3Transformer2DModel(**TINY).eval()
+    ref.load_state_dict(model.state_dict())
+    tte, g = ref.time_text_embed, torch.Generator().manual_seed(0)
+    c, u = Text(torch.randn(1, 5, 12, generator=g), torch.randn(1, 10, generator=g)), Text(
+        torch.randn(1, 5, 12, generator=g), torch.randn(1, 10, generator=g))
+    with torch.no_grad():
+        for name, value in (("ours", 5000.0), ("authors", 4992.0)):
+            expected = tte.timestep_embedder(tte.time_proj(torch.tensor([value]))) * tte.text_embedder(
+                c.pooled - u.pooled) / 256.0
+            assert_close_to_reference(load_student(tmp_path / name).term(5.0, c, u), expected, what=name)
 
 
 def test_vae_from_diffusers_folder(tmp_path):

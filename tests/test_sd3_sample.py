@@ -1,7 +1,10 @@
-"""The SD3 sampling CLI: bad input gets one clear message."""
+"""The SD3 sampling CLI: bad input gets one clear message; its samplers against diffusers' pipeline
+and the authors' TeEFusion loop."""
 
 import pytest
+import torch
 
+from conftest import assert_close_to_reference, oracle, random_mmdit
 from tinyteef.sd3.sample import parse_args
 
 
@@ -23,6 +26,10 @@ def test_cli_errors(tmp_path, capsys):
     assert "--negative-prompt needs a guided sampler" in error_of(
         base + ["--sampler", "euler", "--negative-prompt", "a dog"], capsys)
     assert parse_args(base + ["--sampler", "euler", "--negative-prompt", ""]).negative_prompt == ""
+    assert parse_args(base + ["--sampler", "teefusion"]).w_rounding is None  # the student's folder decides
+    assert parse_args(base + ["--sampler", "teefusion", "--w-rounding", "float32"]).w_rounding == "float32"
+    assert "invalid choice: 'bf16'" in error_of(base + ["--sampler", "teefusion", "--w-rounding", "bf16"], capsys)
+    assert "--w-rounding applies to a distilled student only" in error_of(base + ["--w-rounding", "float32"], capsys)
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +66,6 @@ def test_euler_cfg_image_equals_diffusers_pipeline(tiny_sd3, negative):
     """One whole Euler+CFG sample from the same initial latent: ours vs diffusers'
     StableDiffusion3Pipeline on the same folder (guidance_scale = w + 1), with ∅ and with a
     negative prompt encoded in ∅'s place."""
-    import torch
-    from conftest import oracle
     from tinyteef import samplers
     from tinyteef.flow import shift, time_grid
     from tinyteef.sd3.loader import load_transformer, load_vae
@@ -93,8 +98,6 @@ def test_authors_student_loop_equals_our_teefusion_sampler(tiny_sd3, negative):
     the attention sees the prompt's tokens only, and diffusers' scheduler takes the Euler step.
     Our `student` sampler on the same folder and latent must land on the same latent; with a
     negative prompt, diffusers' encoding of it takes pooled_∅'s place in both."""
-    import torch
-    from conftest import oracle
     from tinyteef import samplers
     from tinyteef.flow import shift, time_grid
     from tinyteef.guidance import Student
@@ -130,8 +133,108 @@ def test_authors_student_loop_equals_our_teefusion_sampler(tiny_sd3, negative):
     assert x.abs().mean() > 0.1 and (got.x - x).abs().max() < 1e-4
 
 
+def test_cli_prints_the_w_rounding_it_used(tiny_sd3, tmp_path, capsys):
+    """The tiny folder has no tinyteef record, like the authors' release: w = 5 enters psi as 4992
+    (bf16 rounding, by hand) unless --w-rounding float32 overrides it."""
+    from tinyteef.sd3.sample import main
+    base = ["--model", str(tiny_sd3), "--prompt", "a cat", "--sampler", "teefusion", "--w", "5", "--steps", "1",
+            "--height", "32", "--width", "32", "--device", "cpu", "--out", str(tmp_path / "x.png")]
+    main(base)
+    assert "w rounding: authors-bf16 (from the student's folder): 1000 w = 4992 enters psi" in capsys.readouterr().out
+    main(base + ["--w-rounding", "float32"])
+    assert "w rounding: float32 (from --w-rounding): 1000 w = 5000 enters psi" in capsys.readouterr().out
+
+
 def test_student_w_outside_its_range_is_refused(tiny_sd3, tmp_path):
     from tinyteef.sd3.sample import main
     with pytest.raises(SystemExit, match=r"error: --w: w = 1 is outside \[2, 14\]"):
         main(["--model", str(tiny_sd3), "--prompt", "a cat", "--sampler", "teefusion", "--w", "1", "--steps", "2",
               "--height", "32", "--width", "32", "--device", "cpu", "--out", str(tmp_path / "x.png")])
+
+
+def authors_student_folder(folder):
+    """A record-less student folder, as the authors released theirs: a tiny random MMDiT whose G and F
+    outputs are scaled by 256, so that the Eq. 7 term G(psi(1000 w)) * F(c - ∅) / 256 weighs as much
+    in z as G(psi(t)) + F(c) (with fan-in weights it would be 1/256 of it, and w's rounding would
+    vanish in bf16's own noise); the adaLN weights are scaled down by 256 to keep modulations O(1)."""
+    from tinyteef.mmdit import AdaLinear
+    from tinyteef.sd3.loader import save_transformer
+    model = random_mmdit(std=0.2)
+    with torch.no_grad():
+        for mlp in (model.G, model.F):
+            mlp.linear_2.weight.mul_(256.0)
+            mlp.linear_2.bias.mul_(256.0)
+        for m in model.modules():
+            if isinstance(m, AdaLinear):
+                m.linear.weight.div_(256.0)
+    save_transformer(folder, model, extra_config={"guidance": False, "txt_align_guidance": True})
+    return folder
+
+
+def test_authors_bf16_student_equals_the_authors_bf16_loop(tmp_path):
+    """The authors' TeEFusion pipeline in bf16 (AIDC-AI/TeEFusion, pipelines/sd3_teefusion_pipeline.py
+    and pipelines/sd3_model.py), written out on diffusers' modules with their dtypes: weights, latent
+    and text in bf16; the guidance value torch.tensor((w,), dtype=bf16) * 1000. (4992 for w = 5);
+    time_proj in float32, cast to the pooled dtype before the timestep MLP; the scheduler's step in
+    float32, cast back to bf16. Our student sampler on the same record-less folder (so w_rounding
+    "authors-bf16"), bf16 weights under autocast as the CLI runs them on a GPU, must match per step:
+    the term it adds to z and the velocity. With w_rounding "float32" it must not."""
+    diffusers = oracle("diffusers")
+    from tinyteef import samplers
+    from tinyteef.flow import shift, time_grid
+    from tinyteef.guidance import Text
+    from tinyteef.sd3.loader import load_student
+    from tinyteef.sd3.sample import SD3_T_MIN
+    bf16, w, steps = torch.bfloat16, 5.0, 4
+    folder = authors_student_folder(tmp_path / "student")
+    g = torch.Generator().manual_seed(0)
+    c = Text(torch.randn(1, 5, 12, generator=g).to(bf16), torch.randn(1, 10, generator=g).to(bf16))
+    u = Text(torch.randn(1, 5, 12, generator=g).to(bf16), torch.randn(1, 10, generator=g).to(bf16))
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1), dtype=bf16)  # their get_noise
+
+    tr = diffusers.SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer").to(bf16)
+    tte, sched = tr.time_text_embed, diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(steps)
+    terms, velocities, x = [], [], noise
+    with torch.no_grad():
+        for t in sched.timesteps:
+            guidance = torch.tensor((w,), dtype=tr.dtype) * 1000.0
+            term = tte.timestep_embedder(tte.time_proj(guidance).to(dtype=c.pooled.dtype)) * tte.text_embedder(
+                c.pooled - u.pooled) / 256.0
+            temb = tte(t.reshape(1), c.pooled) + term
+            h, ctx = tr.pos_embed(x), tr.context_embedder(c.tokens)
+            for block in tr.transformer_blocks:
+                ctx, h = block(hidden_states=h, encoder_hidden_states=ctx, temb=temb)
+            h = tr.proj_out(tr.norm_out(h, temb)).reshape(1, 4, 4, 2, 2, 4)
+            v = torch.einsum("nhwpqc->nchpwq", h).reshape(1, 4, 8, 8)
+            terms.append(term)
+            velocities.append(v)
+            x = sched.step(v, t, x, return_dict=False)[0]
+    assert x.dtype == bf16
+
+    def ours(w_rounding=None):
+        """(terms, velocities) per step of our student sampler; w_rounding None: the folder's default."""
+        student = load_student(folder, dtype=bf16, w_rounding=w_rounding)
+        seen = []
+        hook = student.model.register_forward_hook(lambda m, args, out: seen.append((args[4], out)))
+        with torch.autocast("cpu", dtype=bf16):
+            samplers.student(student, noise.float(), time_grid(steps, 3.0, u_last=shift(SD3_T_MIN, 3.0)), c, u, w)
+        hook.remove()
+        return student.w_rounding, seen
+
+    # Why rtol 2e-2: bf16 keeps 8 significant bits (unit roundoff 2^-9, 2e-3). The first two steps
+    # agree bit for bit; after them their latent is rounded to bf16 at every step while ours stays
+    # float32 (the one dtype difference left), which moves a velocity of this small random model by
+    # up to 1e-2 of its scale. float32 rounding of 1000 w moves every step's term by 0.65 of its
+    # scale and every velocity by 0.15 to 0.3: more than 5 x rtol, asserted below.
+    rtol = 2e-2
+    rounding, seen = ours()
+    assert rounding == "authors-bf16"  # a folder without our record is the authors' release
+    for i, ((our_term, our_v), term, v) in enumerate(zip(seen, terms, velocities)):
+        assert_close_to_reference(our_term, term, rtol=rtol, what=f"step {i}: the term added to z")
+        assert_close_to_reference(our_v, v, rtol=rtol, what=f"step {i}: velocity")
+    rounding, seen = ours("float32")
+    assert rounding == "float32"
+    for (our_term, our_v), term, v in zip(seen, terms, velocities):
+        assert (our_term.double() - term.double()).abs().max() > 5 * rtol * term.double().abs().max()
+        assert (our_v.double() - v.double()).abs().max() > 5 * rtol * v.double().abs().max()

@@ -152,6 +152,8 @@ def test_distillcfg_student_saves_its_guidance_mlp_and_record(models, data, tmp_
     student = load_student(str(out / "student"))
     state = checkpoint.load(out / "checkpoint.pt")["student"]
     assert student.kind == "distillcfg" and student.w_range == (3.0, 9.0)
+    with open(out / "student" / "transformer" / "config.json") as f:
+        assert json.load(f)["tinyteef"]["w_rounding"] == "float32"  # ours are distilled with float32 1000 w
     assert torch.equal(student.H.linear_2.weight, state["H.linear_2.weight"])
     assert student.H.linear_2.weight.abs().sum() > 0  # trained away from its zero init
     record = json.loads((out / "student" / "transformer" / "config.json").read_text())["tinyteef"]

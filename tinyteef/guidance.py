@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from .flow import per_sample
-from .mmdit import PSI_DIM, MLPEmbedder, psi_scaled
+from .mmdit import PSI_DIM, W_ROUNDINGS, MLPEmbedder, psi_scaled
 
 # The authors' released code divides the product G(psi(w)) * F(c - ∅) by 256 before adding it to
 # z (AIDC-AI/TeEFusion, pipelines/sd3_model.py). The paper's Eq. 7 omits it. We keep it so that
@@ -85,7 +85,7 @@ def naive_fusion(c: Text, u: Text, w):
     return Text(c.tokens + wt * (c.tokens - u.tokens), c.pooled + wp * (c.pooled - u.pooled))
 
 
-def teefusion_term(model, w, c: Text, u: Text, divisor=TEEFUSION_DIVISOR):
+def teefusion_term(model, w, c: Text, u: Text, divisor=TEEFUSION_DIVISOR, w_rounding="float32"):
     """Eq. 7's extra term, as the authors' released code computes it:
 
         G(psi(1000 w)) ⊙ F(pooled(c) - pooled(∅)) / divisor
@@ -99,19 +99,20 @@ def teefusion_term(model, w, c: Text, u: Text, divisor=TEEFUSION_DIVISOR):
     - the divisor is 256 in the authors' SD3 code (TEEFUSION_DIVISOR) and absent (1) in the
       paper's Eq. 7. It sets the term's size next to z = G(psi(t)) + F(c), which depends on the
       model: see the toy's README section for what 256 does to a small model.
-    Ours differs from the authors' pipeline in one place: 1000 w and psi are float32 here
-    (`MMDiT.embed_scalar`), where they build w in the model's dtype (bf16 rounds 6000 to 6016).
+    - 1000 w is float32 by default (w_rounding "float32"), where the authors' pipeline builds it
+      in the model's dtype (bf16 rounds 6000 to 6016); w_rounding "authors-bf16" rounds as they
+      do, for their released student (mmdit.psi_input).
     Returns (B, D).
     """
-    return model.embed_scalar(w) * model.F(c.pooled - u.pooled) / divisor
+    return model.embed_scalar(w, w_rounding) * model.F(c.pooled - u.pooled) / divisor
 
 
-def gpsi_term(model, w, divisor=TEEFUSION_DIVISOR):
+def gpsi_term(model, w, divisor=TEEFUSION_DIVISOR, w_rounding="float32"):
     """Table 3's ablation "G(psi(w))": the shared timestep MLP on w alone, without F(c - ∅),
     divided by the same divisor as the TeEFusion term it is compared with, so that both start
     the same distance from the teacher's z (undivided, with SD3's 256 the ablation would start a
     whole timestep embedding away). (B, D), or (1, D) for a number w."""
-    return model.embed_scalar(w) / divisor
+    return model.embed_scalar(w, w_rounding) / divisor
 
 
 class DistillCFG(MLPEmbedder):
@@ -125,9 +126,10 @@ class DistillCFG(MLPEmbedder):
         nn.init.zeros_(self.linear_2.weight)
         nn.init.zeros_(self.linear_2.bias)
 
-    def forward(self, w):
-        """H(psi(1000 w)), with 1000 w and psi in float32. w: number or (B,) -> (1 or B, D)."""
-        return super().forward(psi_scaled(w, self.linear_1.weight))
+    def forward(self, w, w_rounding="float32"):
+        """H(psi(1000 w)), psi in float32 and 1000 w as `w_rounding` says (mmdit.psi_input).
+        w: number or (B,) -> (1 or B, D)."""
+        return super().forward(psi_scaled(w, self.linear_1.weight, w_rounding))
 
 
 class Student(nn.Module):
@@ -137,13 +139,17 @@ class Student(nn.Module):
     kind: "teefusion" (Eq. 7), "distillcfg" (H(psi(w)), H a new MLP, given as `H`) or
     "gpsi_ablation" (G(psi(w)), Table 3). `divisor` divides the TeEFusion term and the ablation's
     alike. `w_range`: the [w_min, w_max] of Alg. 1 it was distilled on (default the paper's), which
-    sampling keeps to.
+    sampling keeps to. `w_rounding`: how 1000 w is built before psi, for every kind: "float32"
+    (ours) or "authors-bf16" (rounded in bf16 as the authors' pipeline does, for their released
+    student; mmdit.psi_input). Their model's forward reads guidance_in's w through the same
+    time_proj as TeEFusion's, so DistillCFG takes the same rounding (their released pipeline
+    builds only TeEFusion's value).
     A module holding the model and H, so that one DDP wrapper around it sees every trained
     parameter, those used by the term included, inside its forward.
     """
 
     def __init__(self, model: nn.Module, kind="teefusion", H: nn.Module | None = None,
-                 divisor=TEEFUSION_DIVISOR, w_range=PAPER_W_RANGE):
+                 divisor=TEEFUSION_DIVISOR, w_range=PAPER_W_RANGE, w_rounding="float32"):
         super().__init__()
         if kind not in STUDENT_KINDS:
             raise ValueError(f"unknown student kind {kind!r}; choose one of {', '.join(STUDENT_KINDS)}")
@@ -151,7 +157,10 @@ class Student(nn.Module):
             raise ValueError("a distillcfg student needs its guidance MLP H (guidance.DistillCFG)")
         if not w_range[0] <= w_range[1]:
             raise ValueError(f"w_range must be (w_min, w_max) with w_min <= w_max, got {tuple(w_range)}")
+        if w_rounding not in W_ROUNDINGS:
+            raise ValueError(f"unknown w_rounding {w_rounding!r}; choose one of {', '.join(W_ROUNDINGS)}")
         self.model, self.kind, self.H, self.divisor, self.w_range = model, kind, H, divisor, tuple(w_range)
+        self.w_rounding = w_rounding
 
     def check_w(self, w):
         """Refuse a guidance weight (a number or a (B,) tensor) outside the trained w_range.
@@ -173,10 +182,10 @@ class Student(nn.Module):
     def term(self, w, c: Text, u: Text):
         """The vector this student adds to z. (B or 1, D)."""
         if self.kind == "teefusion":
-            return teefusion_term(self.model, w, c, u, self.divisor)
+            return teefusion_term(self.model, w, c, u, self.divisor, self.w_rounding)
         if self.kind == "gpsi_ablation":
-            return gpsi_term(self.model, w, self.divisor)
-        return self.H(w)
+            return gpsi_term(self.model, w, self.divisor, self.w_rounding)
+        return self.H(w, self.w_rounding)
 
     def forward(self, x, t, c: Text, u: Text, w, extra=None):
         """v_S(x_t, z^(t, c, ∅, w)), one forward pass: the attention sees the conditional tokens

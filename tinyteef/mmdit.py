@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 TIME_SCALE = 1000.0  # SD3 feeds the network 1000 * t; TeEFusion scales w the same way (authors' code)
 PSI_DIM = 256  # width of the sinusoidal embedding psi in SD3
+W_ROUNDINGS = ("float32", "authors-bf16")  # how 1000 w is built before psi (psi_input)
 
 
 @dataclass
@@ -75,12 +76,25 @@ def psi(s, dim=PSI_DIM):
     return torch.cat([torch.cos(angle), torch.sin(angle)], dim=-1)
 
 
-def psi_scaled(s, weight):
-    """psi(1000 s) for s a number or a (B,) tensor (a time t or a guidance weight w): 1000 s and
-    the sinusoid in float32, then cast to the dtype and device of the MLP `weight` that reads it.
-    (B or 1, PSI_DIM)."""
-    s = torch.as_tensor(s, dtype=torch.float32, device=weight.device).reshape(-1)
-    return psi(s * TIME_SCALE).to(weight.dtype)
+def psi_input(s, device, rounding="float32"):
+    """The value entering psi: 1000 s as a float32 (B or 1,) tensor, for s a number or a (B,) tensor.
+    rounding: "float32" (ours; always for the time t) or, for a guidance weight w, "authors-bf16"."""
+    if rounding not in W_ROUNDINGS:
+        raise ValueError(f"unknown w rounding {rounding!r}; choose one of {', '.join(W_ROUNDINGS)}")
+    if rounding == "authors-bf16":
+        # As the authors' pipeline builds it, torch.tensor((w,), dtype=bf16) * 1000. (AIDC-AI/TeEFusion,
+        # pipelines/sd3_teefusion_pipeline.py), the value their released student runs and likely was trained on.
+        # bf16 keeps 8 significant bits: 1000 w lands on a multiple of 32 in [4096, 8192) (of 64 up to 16384):
+        # w = 5, 6, 12 enter psi as 4992, 6016, 12032. psi's sinusoid stays float32, as in their time_proj.
+        return (torch.as_tensor(s, dtype=torch.bfloat16, device=device).reshape(-1) * TIME_SCALE).float()
+    return torch.as_tensor(s, dtype=torch.float32, device=device).reshape(-1) * TIME_SCALE
+
+
+def psi_scaled(s, weight, rounding="float32"):
+    """psi(1000 s) for s a number or a (B,) tensor (a time t or a guidance weight w): 1000 s as
+    `psi_input` rounds it and the sinusoid in float32, then cast to the dtype and device of the MLP
+    `weight` that reads it. (B or 1, PSI_DIM)."""
+    return psi(psi_input(s, weight.device, rounding)).to(weight.dtype)
 
 
 def sincos_pos_table(P, D, base_size):
@@ -317,10 +331,10 @@ class MMDiT(nn.Module):
         """The pooled-text MLP F of Eq. 6-7."""
         return self.time_text_embed.text_embedder
 
-    def embed_scalar(self, s):
+    def embed_scalar(self, s, rounding="float32"):
         """G(psi(1000 s)): the time embedding for s = t, and TeEFusion's G(psi(w)) for s = w
-        (Eq. 6-7; the authors scale w by 1000 exactly like t). (B or 1, D)."""
-        return self.G(psi_scaled(s, self.G.linear_1.weight))
+        (Eq. 6-7; the authors scale w by 1000 exactly like t; `rounding`: see psi_input). (B or 1, D)."""
+        return self.G(psi_scaled(s, self.G.linear_1.weight, rounding))
 
     def conditioning(self, t, pooled, extra=None):
         """Eq. 6: z = G(psi(t)) + F(c), plus the guidance term `extra` if given (Eq. 7). (B, D)."""

@@ -23,7 +23,7 @@ from .t5 import T5Config, T5Encoder
 from .vae import VAE, VAEConfig
 
 GUIDANCE_PREFIX = "guidance_in."  # DistillCFG's H in the authors' checkpoints
-STUDENT_RECORD = "tinyteef"  # train_sd3.py's record in a student's config.json: kind, divisor, w range
+STUDENT_RECORD = "tinyteef"  # train_sd3.py's record in a student's config.json (read by load_student)
 DIFFUSERS_VERSION = "0.29.0.dev0"  # the version that SD3-medium's config files record
 PIPELINE_PARTS = ("scheduler", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
                   "tokenizer", "tokenizer_2", "tokenizer_3")  # every folder but transformer/
@@ -122,17 +122,21 @@ def load_transformer(model_dir, device="cpu", dtype=None):
     return model, H
 
 
-def load_student(model_dir, device="cpu", dtype=None, divisor=None):
+def load_student(model_dir, device="cpu", dtype=None, divisor=None, w_rounding=None):
     """A distilled student (guidance.Student) from `model_dir/transformer`. Ours carry a record
     under "tinyteef" in config.json (train_sd3.py: student kind, Eq. 7 divisor, the w range it was
-    distilled on); without one (the authors' released student) it is TeEFusion with divisor 256 and
-    the paper's w range, or DistillCFG when the weights hold guidance_in. `divisor`, if given,
-    overrides the record."""
+    distilled on, how 1000 w was built); without one (the authors' released student) it is TeEFusion
+    with divisor 256, the paper's w range and 1000 w rounded in bf16 as the authors' pipeline builds
+    it ("authors-bf16"), or DistillCFG when the weights hold guidance_in. A record written before
+    the rounding was recorded means "float32", the only one ours were distilled with. `divisor`
+    and `w_rounding`, if given, override the record."""
     model, H = load_transformer(model_dir, device, dtype)
     record = (read_config(os.path.join(model_dir, "transformer")) or {}).get(STUDENT_RECORD, {})
     kind = record.get("student_kind", "distillcfg" if H is not None else "teefusion")
     divisor = record.get("teefusion_divisor", TEEFUSION_DIVISOR) if divisor is None else divisor
-    return Student(model, kind, H, divisor, tuple(record.get("w_range", PAPER_W_RANGE)))
+    if w_rounding is None:
+        w_rounding = record.get("w_rounding", "float32") if record else "authors-bf16"
+    return Student(model, kind, H, divisor, tuple(record.get("w_range", PAPER_W_RANGE)), w_rounding)
 
 
 def load_vae(model_dir, device="cpu", dtype=None):

@@ -7,7 +7,8 @@
 
 --w is the paper's guidance weight (diffusers' guidance_scale minus 1). The model runs in bf16 on a
 GPU and in float32 on the CPU; the latent and the Euler updates stay float32, on SD3's time grid
-(diffusers' FlowMatchEulerDiscreteScheduler, shift 3).
+(diffusers' FlowMatchEulerDiscreteScheduler, shift 3). A student reads 1000 w as its folder says:
+float32 for ours, rounded in bf16 for the authors' released student (--w-rounding overrides).
 """
 
 import argparse
@@ -19,6 +20,7 @@ from torchvision.utils import save_image
 from .. import samplers
 from ..flow import shift, time_grid
 from ..guidance import TEEFUSION_DIVISOR
+from ..mmdit import W_ROUNDINGS, psi_input
 from .loader import load_student, load_transformer, load_vae
 from .prompt import TextEncoders
 
@@ -48,6 +50,10 @@ def parse_args(argv=None):
     p.add_argument("--teefusion-divisor", type=float, default=None,
                    help="divisor of the Eq. 7 term (default: the student's record, else "
                         f"{TEEFUSION_DIVISOR:g} as in the authors' released student)")
+    p.add_argument("--w-rounding", choices=W_ROUNDINGS, default=None,
+                   help="how the student builds 1000 w before psi: float32 (ours), or authors-bf16 (rounded "
+                        "in bf16 as the authors' pipeline does: w = 5 enters as 4992). Default: the student's "
+                        "record, else authors-bf16 for a folder without one (the authors' release)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="sample.png", help="output PNG")
     args = p.parse_args(argv)
@@ -55,6 +61,9 @@ def parse_args(argv=None):
         p.error("--sampler w2sd needs --weak-model DIR: a weaker model of the same architecture that inverts "
                 "each step (Eq. 3), e.g. an earlier or less trained checkpoint; or use --sampler zsampling, "
                 "which reflects with the model itself")
+    if args.w_rounding is not None and args.sampler != "teefusion":
+        p.error("--w-rounding applies to a distilled student only (--sampler teefusion): "
+                "the teachers' samplers never embed w")
     if args.negative_prompt and args.sampler == "euler":
         p.error("--negative-prompt needs a guided sampler (cfg, naive, zsampling, w2sd, teefusion): "
                 "euler runs without guidance and never uses ∅")
@@ -91,11 +100,14 @@ def main(argv=None):
     c, u = encoders([args.prompt]), encoders([args.negative_prompt])  # u: ∅, or the negative prompt
     del encoders  # the text encoders are not needed any more (T5-XXL alone is 9 GB in bf16)
     if args.sampler == "teefusion":
-        model = load_student(args.model, device, dtype, args.teefusion_divisor)
+        model = load_student(args.model, device, dtype, args.teefusion_divisor, args.w_rounding)
         try:
             model.check_w(args.w)
         except ValueError as e:
             raise SystemExit(f"error: --w: {e}")
+        source = "--w-rounding" if args.w_rounding else "the student's folder"
+        print(f"w rounding: {model.w_rounding} (from {source}): "
+              f"1000 w = {psi_input(args.w, 'cpu', model.w_rounding).item():g} enters psi")
     else:
         model, _ = load_transformer(args.model, device, dtype)
     weak = load_transformer(args.weak_model, device, dtype)[0] if args.sampler == "w2sd" else None
