@@ -5,11 +5,14 @@ them those tests skip, unless TINYTEEF_REQUIRE_ORACLES=1 (set by .ci/run): then 
 can never pass by silently skipping the parity tests.
 
 Every comparison with a reference library goes through `assert_close_to_reference`, with one
-tolerance relative to the reference's own scale (PARITY_RTOL).
+tolerance relative to the reference's own scale (PARITY_RTOL). The session starts by printing the
+versions it runs with, so a CI log says which releases a parity failure came from.
 """
 
 import importlib
+import importlib.metadata
 import os
+import platform
 
 import pytest
 import torch
@@ -17,6 +20,22 @@ import torch
 from tinyteef.mmdit import MMDiT, MMDiTConfig
 
 REQUIRE_ORACLES = os.environ.get("TINYTEEF_REQUIRE_ORACLES") == "1"
+VERSIONED = ("torch", "diffusers", "transformers", "tokenizers", "safetensors", "scipy", "numpy")
+
+
+def pytest_sessionstart(session):
+    """Print the Python and library versions first. Not pytest_report_header: `pytest -q` (the
+    README's command) hides the header."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        return
+    versions = [f"python {platform.python_version()}"]
+    for name in VERSIONED:
+        try:
+            versions.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{name} not installed")
+    reporter.write_line("versions: " + ", ".join(versions))
 
 
 def oracle(module):

@@ -1,9 +1,10 @@
-"""guidance.py: Eq. 2 and Eq. 5 by hand, Eq. 7 against the authors' formula on diffusers' modules."""
+"""guidance.py: Eq. 2 and Eq. 5 by hand, Eq. 7 against the authors' formula on diffusers' modules
+(within 1e-4 of the reference's scale)."""
 
 import pytest
 import torch
 
-from conftest import TINY, assert_close_to_reference, oracle, random_mmdit
+from conftest import PARITY_RTOL, TINY, assert_close_to_reference, oracle, random_mmdit
 from tinyteef.guidance import (DistillCFG, Student, Text, cfg, gpsi_term, guided_velocity, naive_fusion,
                                teefusion_term, w_from_guidance_scale)
 
@@ -77,7 +78,7 @@ def test_eq7_equals_the_authors_formula():
     tte = ref.time_text_embed
     expected = tte.timestep_embedder(tte.time_proj(w * 1000.0)) * tte.text_embedder(c.pooled - u.pooled) / 256.0
     with torch.no_grad():
-        assert torch.allclose(teefusion_term(ours, w, c, u), expected.detach(), atol=1e-6)
+        assert_close_to_reference(teefusion_term(ours, w, c, u), expected, what="Eq. 7 term")
         # ... and the whole student forward: temb gets the term, the attention sees c's tokens only
         x, t = torch.randn(3, 4, 8, 8, generator=g), torch.rand(3, generator=g)
         temb = tte(1000 * t, c.pooled) + expected
@@ -87,8 +88,9 @@ def test_eq7_equals_the_authors_formula():
         h = ref.proj_out(ref.norm_out(h, temb)).reshape(3, 4, 4, 2, 2, 4)
         v_authors = torch.einsum("nhwpqc->nchpwq", h).reshape(3, 4, 8, 8)
         v_ours = Student(ours)(x, t, c, u, w)
-    assert (v_ours - v_authors).abs().max() < 1e-5
-    assert (v_ours - ours(x, t, c.tokens, c.pooled)).abs().max() > 1e-3  # the term changes the output
+    assert_close_to_reference(v_ours, v_authors, what="student velocity")
+    # the term moves the output 10x past what the parity check tolerates: one without it would fail
+    assert (v_ours - ours(x, t, c.tokens, c.pooled)).abs().max() > 10 * PARITY_RTOL * v_authors.abs().max()
 
 
 @pytest.mark.parametrize("divisor", [1.0, 256.0])

@@ -3,14 +3,14 @@
 The tiny folder is the shared ground: diffusers' StableDiffusion3Pipeline.from_pretrained loads it
 (so its layout, configs and tokenizer files are real), and our loader loads the same files. Then
 prompt encoding (prompt and negative "" embeddings, with and without T5), the transformer and
-the VAE are compared in float32 within 1e-5.
+the VAE are compared in float32 within 1e-4 of the reference's scale.
 """
 
 import os
 
 import pytest
 import torch
-from conftest import oracle
+from conftest import assert_close_to_reference, oracle
 
 from tinyteef.sd3.loader import load_transformer, load_vae
 from tinyteef.sd3.prompt import TextEncoders
@@ -25,7 +25,6 @@ PROMPTS = [
     ", ".join(["a beautiful detailed oil painting of an old man sitting with a small black cat under the "
                "golden sunset light by the river"] * 4),  # > 75 CLIP tokens, < 255 T5 tokens
 ]
-TOL = dict(atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["t5", "no_t5"])
@@ -85,10 +84,14 @@ def test_encode_prompt_matches_diffusers(tiny):
     B, L, D = len(PROMPTS), 77 + 256, SIZES["transformer"]["joint_attention_dim"]
     assert c.tokens.shape == (B, L, D) and c.pooled.shape == (B, SIZES["transformer"]["pooled_projection_dim"])
     assert c.tokens.dtype == torch.float32
-    torch.testing.assert_close(c.tokens, embeds, **TOL)
-    torch.testing.assert_close(c.pooled, pooled, **TOL)
-    torch.testing.assert_close(u.tokens.expand(B, -1, -1), neg_embeds, **TOL)
-    torch.testing.assert_close(u.pooled.expand(B, -1), neg_pooled, **TOL)
+    # the CLIP rows (:77) and the T5 rows (77:) are two encoders' outputs of different sizes:
+    # each is held to its own scale, so the smaller cannot hide under the larger
+    for rows, name in ((slice(None, 77), "CLIP"), (slice(77, None), "T5")):
+        assert_close_to_reference(c.tokens[:, rows], embeds[:, rows], what=f"prompt_embeds ({name} rows)")
+        assert_close_to_reference(u.tokens.expand(B, -1, -1)[:, rows], neg_embeds[:, rows],
+                                  what=f"negative prompt_embeds ({name} rows)")
+    assert_close_to_reference(c.pooled, pooled, what="pooled_prompt_embeds")
+    assert_close_to_reference(u.pooled.expand(B, -1), neg_pooled, what="negative pooled_prompt_embeds")
     clip_width = SIZES["clip_l"]["hidden_size"] + SIZES["clip_g"]["hidden_size"]
     assert (c.tokens[:, :77, clip_width:] == 0).all()  # zero padding to joint_dim
     assert ((c.tokens[:, 77:] == 0).all()) == (ours.text_encoder_3 is None)
@@ -117,9 +120,9 @@ def test_transformer_and_vae_match_diffusers(tiny):
         decoded = vae.decode(z)
         decoded_ref = pipe.vae.decode(z / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor).sample
     assert v.abs().mean() > 0.1  # redrawn weights: not DiT's zero output
-    torch.testing.assert_close(v, v_ref, **TOL)
-    torch.testing.assert_close(mean, mean_ref, **TOL)
-    torch.testing.assert_close(decoded, decoded_ref, **TOL)
+    assert_close_to_reference(v, v_ref, what="transformer velocity")
+    assert_close_to_reference(mean, mean_ref, what="VAE posterior mean")
+    assert_close_to_reference(decoded, decoded_ref, what="VAE decoded image")
 
 
 def test_joint_dim_is_checked(tiny):

@@ -1,5 +1,6 @@
-"""The SD3 sampling CLI: bad input gets one clear message; its samplers against diffusers' pipeline
-and the authors' TeEFusion loop."""
+"""The SD3 sampling CLI: bad input gets one clear message; Euler+CFG and our student sampler land
+where diffusers' pipeline and the authors' loop land (within 1e-4 of the reference's scale), and
+in bf16 a record-less student follows the authors' bf16 loop."""
 
 import pytest
 import torch
@@ -83,12 +84,12 @@ def test_euler_cfg_image_equals_diffusers_pipeline(tiny_sd3, negative):
     ts = time_grid(steps, 3.0, u_last=shift(SD3_T_MIN, 3.0))
     got = samplers.euler_cfg(model, latents, ts, enc(["a red cat on a table"]), enc([negative]), w).x
     assert expected.abs().mean() > 0.1
-    assert (got - expected).abs().max() < 1e-4
+    assert_close_to_reference(got, expected, what="sampled latent")
     vae = load_vae(tiny_sd3)
     with torch.no_grad():
         image = vae.decode(got)
         ref = pipe.vae.decode(expected / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor).sample
-    assert (image - ref).abs().max() < 1e-4
+    assert_close_to_reference(image, ref, what="decoded image")
 
 
 @pytest.mark.parametrize("negative", ["", "a blue dog"])
@@ -130,7 +131,8 @@ def test_authors_student_loop_equals_our_teefusion_sampler(tiny_sd3, negative):
     ts = time_grid(steps, 3.0, u_last=shift(SD3_T_MIN, 3.0))
     got = samplers.student(Student(model), latents, ts, enc(["a red cat"]), enc([negative]), w)
     assert got.passes == steps
-    assert x.abs().mean() > 0.1 and (got.x - x).abs().max() < 1e-4
+    assert x.abs().mean() > 0.1
+    assert_close_to_reference(got.x, x, what="sampled latent")
 
 
 def test_cli_prints_the_w_rounding_it_used(tiny_sd3, tmp_path, capsys):
