@@ -23,7 +23,7 @@ from ..mmdit import MMDiT, MMDiTConfig
 from .clip import LEGACY_EOS_ID, CLIPConfig, CLIPTextEncoder
 from .loader import DIFFUSERS_VERSION, save_component, write_json
 from .t5 import T5Config, T5Encoder
-from .tokenizers import BOS, BYTE_TO_CHAR, EOS, NMT_SPACES, TILDE, bpe
+from .tokenizers import BOS, BYTE_TO_CHAR, EOS, bpe
 from .vae import VAE, VAEConfig
 
 # Every size of the tiny model (SD3-medium's in the comments). SD3 concatenates the CLIP-L and bigG
@@ -45,6 +45,12 @@ SIZES = dict(
 )
 SCALING_FACTOR, SHIFT_FACTOR = 1.5305, 0.0609  # SD3's latent scale and shift (its vae/config.json)
 T5_EXTRA_IDS = 100  # T5's sentinel tokens <extra_id_0..99>, the last ids of its vocabulary
+# T5's nmt_nfkc on single characters, for a tokenizer.json without its charsmap (a binary trie not
+# built here): these become a space, these 30 controls are deleted, the full-width tilde is left
+# alone, the rest is NFKC. Read from the single-character keys of T5 v1.1's charsmap.
+NMT_SPACES = "\t\n\f\r\u1680\u200b\u200c\u200d\u200e\u200f\u2028\u2029\u2581\ufeff\ufffd"
+NMT_DELETED = "".join(map(chr, [*range(0x1, 0x9), 0xB, *range(0xE, 0x20), 0x7F, 0x8F, 0x9F]))
+TILDE = "\uff5e"
 
 WORDS = """a an the of in on at with and by from to photo painting portrait drawing illustration
 cat dog bird horse astronaut robot woman man child city street forest mountain river beach ocean
@@ -98,18 +104,22 @@ def write_clip_tokenizer(folder, vocab, merges, pad_token):
         f.write("\n".join(["#version: 0.2"] + [f"{a} {b}" for a, b in merges]) + "\n")
     special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": pad_token}
     write_json(os.path.join(folder, "special_tokens_map.json"), special)
+    # SD3's flags: only <|startoftext|> is "normalized" (matched after lowercasing).
+    added = {str(vocab[t]): {"content": t, "lstrip": False, "normalized": t == BOS, "rstrip": False,
+                             "single_word": False, "special": True} for t in dict.fromkeys([pad_token, BOS, EOS])}
     write_json(os.path.join(folder, "tokenizer_config.json"),
-               {**special, "model_max_length": 77, "do_lower_case": True, "tokenizer_class": "CLIPTokenizer"})
+               {**special, "added_tokens_decoder": added, "model_max_length": 77, "do_lower_case": True,
+                "tokenizer_class": "CLIPTokenizer"})
 
 
 def write_t5_tokenizer(folder, vocab):
     """tokenizer.json and the configs of SD3's tokenizer_3/. The real file normalises with a
-    precompiled nmt_nfkc charsmap, a binary trie not built here; this one spells nmt_nfkc out with
-    plain normalisers (its spaces, NFKC except the full-width tilde), as tokenizers.py reads it."""
+    precompiled nmt_nfkc charsmap; this one spells nmt_nfkc out with plain normalisers (NMT_SPACES,
+    NMT_DELETED, NFKC except the full-width tilde), which tokenizers.py and `tokenizers` both
+    follow as written. It differs from the charsmap only on combining sequences and new characters."""
     specials = [(i, p) for i, (p, _) in enumerate(vocab)
                 if p in ("<pad>", "</s>", "<unk>") or p.startswith("<extra_id_")]
     sentinels = [f"<extra_id_{i}>" for i in range(T5_EXTRA_IDS)]
-    spaces = "".join(chr(c) for c in NMT_SPACES)
     metaspace = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": True}
     a, b, eos = ({"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 0}},
                  {"SpecialToken": {"id": "</s>", "type_id": 0}})
@@ -118,7 +128,8 @@ def write_t5_tokenizer(folder, vocab):
         "added_tokens": [{"id": i, "content": p, "single_word": False, "lstrip": False, "rstrip": False,
                           "normalized": False, "special": True} for i, p in specials],
         "normalizer": {"type": "Sequence", "normalizers": [
-            {"type": "Replace", "pattern": {"Regex": f"[{spaces}]"}, "content": " "},
+            {"type": "Replace", "pattern": {"Regex": f"[{NMT_SPACES}]"}, "content": " "},
+            {"type": "Replace", "pattern": {"Regex": f"[{NMT_DELETED}]"}, "content": ""},
             {"type": "Replace", "pattern": {"String": TILDE}, "content": "\ue000"},  # NFKC must not touch it
             {"type": "NFKC"},
             {"type": "Replace", "pattern": {"String": "\ue000"}, "content": TILDE},

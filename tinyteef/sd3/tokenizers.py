@@ -15,12 +15,15 @@ References: Sennrich et al. 2016 (BPE); Radford et al. 2019 (GPT-2 byte-level BP
 (CLIP); Kudo 2018 (unigram language model); Kudo & Richardson 2018 (SentencePiece).
 """
 
+import functools
 import json
 import re
 import unicodedata
 from pathlib import Path
 
 import torch
+
+from .charsmap import Charsmap
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -149,7 +152,7 @@ class CLIPTokenizer:
     rather than the word "!</w>".
     """
 
-    def __init__(self, vocab_json_path, merges_txt_path, pad_token=EOS, max_length=77):
+    def __init__(self, vocab_json_path, merges_txt_path, pad_token=EOS, max_length=77, normalized=()):
         layout = "a CLIP tokenizer folder (tokenizer/ or tokenizer_2/) with vocab.json and merges.txt"
         self.vocab = read_json(vocab_json_path, layout)
         if not Path(merges_txt_path).is_file():
@@ -158,15 +161,23 @@ class CLIPTokenizer:
         merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
         self.ranks = {pair: rank for rank, pair in enumerate(merges)}
         self.specials = {t: self.token_id(t) for t in (BOS, EOS, pad_token)}
-        self.splitter = special_splitter(self.specials)
+        # Special tokens are found in the raw text, or, those marked "normalized" (SD3 marks
+        # <|startoftext|> so), in the normalised text: "<|StartOfText|>" is then BOS too.
+        self.normalized_specials = {clip_normalize(t): i for t, i in self.specials.items() if t in normalized}
+        self.raw_splitter = special_splitter([t for t in self.specials if t not in normalized])
+        self.normalized_splitter = special_splitter(self.normalized_specials)
         self.bos_id, self.eos_id, self.pad_id = (self.specials[t] for t in (BOS, EOS, pad_token))
         self.max_length = max_length
         self.cache = {}  # piece -> ids: prompts repeat words
 
     @classmethod
     def from_folder(cls, folder):
-        """Read vocab.json and merges.txt, and the pad token and model_max_length from
-        special_tokens_map.json / tokenizer_config.json where present (the latter wins)."""
+        """Read vocab.json and merges.txt, and from special_tokens_map.json / tokenizer_config.json
+        where present (the latter wins): the pad token, model_max_length, and the flags of the
+        special tokens in "added_tokens_decoder". Of those flags only "normalized" changes ids
+        here; lstrip, rstrip and single_word are refused (SD3 sets none of them; "special" only
+        matters to decoding). A legacy config without "added_tokens_decoder" matches all three
+        special tokens in the raw text."""
         folder = Path(folder)
         config = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
@@ -174,7 +185,15 @@ class CLIPTokenizer:
                 config.update(json.loads((folder / name).read_text(encoding="utf-8")))
         pad = config.get("pad_token") or EOS
         pad = pad["content"] if isinstance(pad, dict) else pad  # AddedToken written out as a dict
-        return cls(folder / "vocab.json", folder / "merges.txt", pad, int(config.get("model_max_length", 77)))
+        added = list(config.get("added_tokens_decoder", {}).values())
+        for token in added:
+            stripped = any(token.get(flag) for flag in ("lstrip", "rstrip", "single_word"))
+            if token["content"] not in (BOS, EOS, pad) or stripped:
+                raise ValueError(f"{folder}/tokenizer_config.json: added token {token} is not supported "
+                                 "(only SD3's: BOS, EOS and the pad token, without lstrip/rstrip/single_word)")
+        normalized = {token["content"] for token in added if token.get("normalized")}
+        max_length = int(config.get("model_max_length", 77))
+        return cls(folder / "vocab.json", folder / "merges.txt", pad, max_length, normalized)
 
     def token_id(self, token):
         """The id of a vocabulary entry, or a clear error."""
@@ -194,12 +213,16 @@ class CLIPTokenizer:
     def encode(self, text):
         """Token ids of one text, without BOS, EOS or padding, and not truncated."""
         ids = []
-        for chunk, special in split_specials(text, self.splitter):
+        for chunk, special in split_specials(text, self.raw_splitter):
             if special:
                 ids.append(self.specials[chunk])
-            else:
-                for piece in clip_pieces(clip_normalize(chunk)):
-                    ids += self.encode_piece(piece)
+                continue
+            for part, special in split_specials(clip_normalize(chunk), self.normalized_splitter):
+                if special:
+                    ids.append(self.normalized_specials[part])
+                else:
+                    for piece in clip_pieces(part):
+                        ids += self.encode_piece(piece)
         return ids
 
     def __call__(self, texts):
@@ -211,25 +234,43 @@ class CLIPTokenizer:
 
 
 # --- T5: SentencePiece unigram ----------------------------------------------------------------
-# T5's precompiled "nmt_nfkc" charsmap is NFKC plus these characters read as a space, and with
-# the full-width tilde U+FF5E left alone (sentencepiece's Builder::BuildNmtNFKCMap). The charsmap
-# applies NFKC by longest-match rewriting over a table, which can differ from Python's NFKC on
-# rare sequences (canonical reordering of several combining marks) and by Unicode version.
-NMT_SPACES = {ord(c): " " for c in "\t\n\f\r\u1680\u200b\u200e\u200f\u2028\u2029\u2581\ufeff\ufffd"}
-TILDE = "\uff5e"
 UNK_PENALTY = 10.0  # an unknown character scores min(score) - 10, as in sentencepiece
 
 
-def t5_normalize(text):
-    """nmt_nfkc (above), then runs of spaces -> one space: the normaliser of SD3's tokenizer.json,
-    Sequence[Precompiled(nmt_nfkc), Replace(" {2,}", " ")]. Leading and trailing spaces are kept:
-    a trailing space gives a final "▁" token. This is the `tokenizers` library on that file, i.e.
-    transformers 4's T5TokenizerFast, which diffusers' SD3 pipeline used; the sentencepiece
-    library, and transformers 5's T5Tokenizer, drop the trailing space (huggingface/tokenizers
-    issue 1250 on this mismatch). Prompts without a trailing space tokenise the same in all."""
-    text = text.translate(NMT_SPACES)
-    text = TILDE.join(unicodedata.normalize("NFKC", part) for part in text.split(TILDE))
-    return re.sub(" {2,}", " ", text)
+def replace_step(spec):
+    """A Replace normaliser: every match of a literal string or a regex -> `content`. The file's
+    regexes (Oniguruma syntax in `tokenizers`) are read with Python's re: T5's " {2,}" and
+    character classes mean the same in both."""
+    pattern, content = spec["pattern"], spec["content"]
+    if "String" in pattern:
+        return lambda text: text.replace(pattern["String"], content)
+    regex = re.compile(pattern["Regex"])
+    return lambda text: regex.sub(lambda _: content, text)
+
+
+def read_normalizer(spec):
+    """tokenizer.json's "normalizer" as a function str -> str, step by step as the file says.
+
+    SD3's tokenizer_3/ has Sequence[Precompiled(T5's nmt_nfkc charsmap), Replace(" {2,}", " ")]:
+    the charsmap is applied by `Charsmap.normalize` (NFKC, 30 control characters deleted, odd
+    spaces, ZWNJ and ZWJ -> " "), then runs of spaces become one. A file without a charsmap gets
+    exactly its own steps (none if "normalizer" is null); the Unicode normal forms are Python's
+    unicodedata, which can differ from `tokenizers` on characters newer than its Unicode version.
+    """
+    if spec is None:
+        return lambda text: text
+    kind = spec.get("type")
+    if kind == "Sequence":
+        steps = [read_normalizer(step) for step in spec["normalizers"]]
+        return lambda text: functools.reduce(lambda t, step: step(t), steps, text)
+    if kind == "Precompiled":
+        return Charsmap.from_base64(spec["precompiled_charsmap"]).normalize
+    if kind == "Replace":
+        return replace_step(spec)
+    if kind in ("NFC", "NFD", "NFKC", "NFKD"):
+        return lambda text: unicodedata.normalize(kind, text)
+    raise ValueError(f"tokenizer.json: normalizer {kind!r} is not supported here (Sequence, Precompiled, "
+                     "Replace, NFC, NFD, NFKC, NFKD are): use SD3's tokenizer_3/tokenizer.json")
 
 
 def metaspace(text):
@@ -242,11 +283,19 @@ def metaspace(text):
 
 class T5Tokenizer:
     """T5's tokenizer: unigram pieces of each word + </s>, right-padded with <pad> to max_length
-    (diffusers' max_sequence_length, 256 for SD3); truncation keeps </s>."""
+    (diffusers' max_sequence_length, 256 for SD3); truncation keeps </s>.
+
+    The text goes through the file's normaliser (`read_normalizer`), then Metaspace. Leading and
+    trailing spaces are kept: a trailing space gives a final "▁" token. This is the `tokenizers`
+    library on SD3's file, i.e. transformers 4's T5TokenizerFast, which diffusers' SD3 pipeline
+    used; the sentencepiece library, and transformers 5's T5Tokenizer, drop the trailing space
+    (huggingface/tokenizers issue 1250 on this mismatch). Prompts without one agree in all.
+    """
 
     def __init__(self, tokenizer_json_path, max_length=256):
         spec = read_json(tokenizer_json_path, "tokenizer_3/ of an SD3 checkpoint with tokenizer.json "
                                               "(spiece.model alone cannot be read without sentencepiece)")
+        self.normalize = read_normalizer(spec.get("normalizer"))
         model = spec["model"]
         if model.get("type") != "Unigram":
             raise ValueError(f"{tokenizer_json_path}: expected a Unigram model, got {model.get('type')}")
@@ -300,8 +349,10 @@ class T5Tokenizer:
         for chunk, special in split_specials(text, self.splitter):
             if special:
                 ids.append(self.specials[chunk])
-            elif chunk:  # nothing between two special tokens gives no "▁"
-                for word in metaspace(t5_normalize(chunk)):
+                continue
+            chunk = self.normalize(chunk)
+            if chunk:  # nothing (or only deleted characters) gives no "▁"
+                for word in metaspace(chunk):
                     ids += self.segment(word)
         return ids
 
