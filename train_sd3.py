@@ -40,14 +40,13 @@ from tqdm.auto import tqdm
 
 from tinyteef import checkpoint, samplers
 from tinyteef.bench import Meter
-from tinyteef.distill import REFLECTION_TARGETS, TEACHERS, DistillConfig, distill_step, effective_guidance
+from tinyteef.distill import (REFLECTION_TARGETS, TEACHERS, DistillConfig, check_w_range, effective_guidance,
+                              sample_training_point, student_loss, teacher_target)
 from tinyteef.flow import T_DISTS, shift, time_grid
 from tinyteef.guidance import STUDENT_KINDS, TEEFUSION_DIVISOR, DistillCFG, Student
 from tinyteef.mmdit import MMDiT, MMDiTConfig
 from tinyteef.sd3 import cache
-from tinyteef.sd3.data import list_items
 from tinyteef.sd3.loader import STUDENT_RECORD, link_components, load_transformer, load_vae, save_transformer
-from tinyteef.sd3.prompt import TextEncoders
 from tinyteef.sd3.sample import SD3_T_MIN
 from tinyteef.sd3.tiny import randomize, write_tiny_sd3
 
@@ -163,39 +162,6 @@ def run_config(args, out):
     return run
 
 
-def stage_cache(args, model_dir, rank, world, device):
-    """Stage 1: OUT/cache, built once (each process encodes its share), then read by all."""
-    folder = os.path.join(args.out, "cache")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    items = list_items(args.data)
-    settings = {"model": model_dir, "data": args.data, "images": len(items), "resolution": args.resolution,
-                "encoder_dtype": str(dtype), "t5_length": args.t5_length}
-    if rank == 0:
-        cache.check_settings(folder, settings)
-    barrier(world)
-    if not cache.is_complete(folder):
-        encoders = TextEncoders.load(model_dir, device, dtype, t5_length=args.t5_length)
-        vae = load_vae(model_dir, device, torch.float32).eval()  # fp32 VAE: SD3's config asks to upcast it
-        rows = range(rank, len(items), world)
-        with tqdm(total=len(rows), desc="stage 1: encoding", disable=rank != 0) as bar:
-            skipped = cache.encode_items(folder, items, rows, encoders, vae, args.resolution, args.cache_batch, bar)
-        if world > 1:
-            gathered = [None] * world
-            dist.all_gather_object(gathered, skipped)
-            skipped = [s for part in gathered for s in part]
-        if rank == 0:
-            cache.write_empty(folder, encoders)
-            cache.write_index(folder, items, skipped)
-        del encoders, vae
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # hand the encoders' memory back before the models load
-        barrier(world)
-    data = cache.CachedData(folder)
-    log0(rank, f"data: {len(data)} images cached in {folder}"
-               + (f", {len(data.skipped)} skipped (could not be decoded)" if data.skipped else ""))
-    return data
-
-
 def load_models(args, model_dir, device):
     """Alg. 1 line 1: the frozen teacher (bf16 on a GPU), W2SD's weak model, and the student, a
     float32 copy of the teacher (bf16 autocast runs its matmuls)."""
@@ -272,6 +238,22 @@ def preview(args, student, teacher, weak, vae, data, device, step):
                nrow=len(rows))
 
 
+def micro_batches(net, rows, step, args, world, rank, device):
+    """This process's share of optimizer step `step`, as (data rows, generator, context) per
+    micro-batch: the batch of --batch-size samples is cut into micro-batches of --micro-batch
+    (gradient accumulation), dealt over the processes (micro-batch m = j * world + rank). Every
+    random draw of micro-batch m comes from its own generator, seeded by (--seed, step, m), so the
+    step index is the whole random state, whatever the number of processes. Under DDP the context
+    is `no_sync` but for the last micro-batch: the gradients are all-reduced once per step."""
+    A, mb = args.batch_size // args.micro_batch, args.micro_batch  # micro-batches per step, all processes
+    accum = A // world
+    for j in range(accum):
+        m = j * world + rank
+        g = torch.Generator(device).manual_seed(args.seed * 1_000_000_007 + step * A + m)
+        sync = world == 1 or j == accum - 1
+        yield rows[m * mb:(m + 1) * mb], g, nullcontext() if sync else net.no_sync()
+
+
 def barrier(world):
     if world > 1:
         dist.barrier()
@@ -308,10 +290,13 @@ def main(argv=None):
         barrier(world)
         args.weak_model = args.weak_model or os.path.join(out, "random-init", "weak")
     if args.data is not None:  # stage 1 before the models are loaded: encoders and models never share the GPU
-        try:
-            data = stage_cache(args, model_dir, rank, world, device)
+        try:  # each process encodes its share; the encoders are freed before the models load
+            data = cache.build(os.path.join(out, "cache"), model_dir, args.data, args.resolution, args.t5_length,
+                               args.cache_batch, device, rank, world)
         except ValueError as e:
             raise SystemExit(f"error: {e}")
+        log0(rank, f"data: {len(data)} images cached in {os.path.join(out, 'cache')}"
+                   + (f", {len(data.skipped)} skipped (could not be decoded)" if data.skipped else ""))
     teacher, weak, student = load_models(args, model_dir, device)
     if args.data is None:
         c_ = teacher.config
@@ -347,9 +332,10 @@ def main(argv=None):
     weak_n = Meter(weak) if weak is not None else None
     h = args.resolution // 8
     flops_row = teacher.flops_per_forward(1, h, h, 77 + args.t5_length)
-    A, mb = args.batch_size // args.micro_batch, args.micro_batch  # micro-batches per step, all processes
-    accum = A // world
-    u_all = data.empty(device)
+    A = args.batch_size // args.micro_batch  # micro-batches per step, all processes
+    accum = A // world  # ... of this process: each backward carries 1 / accum of the step's gradient
+    check_w_range(student, cfg)
+    empty = data.empty(device)  # ∅, the encoding of "" (1 row)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     log_file = open(os.path.join(out, "log.jsonl"), "a") if rank == 0 else None
     bar = tqdm(range(start, args.steps), desc="stage 2: distilling", initial=start, total=args.steps,
@@ -358,14 +344,19 @@ def main(argv=None):
         t0 = time.perf_counter()
         rows = global_rows(args.seed, step, args.batch_size, len(data))
         total = torch.zeros((), device=device)
-        for j in range(accum):
-            m = j * world + rank  # this process's j-th micro-batch is micro-batch m of the step
-            x0, c = data.get(rows[m * mb:(m + 1) * mb], device)
-            g = torch.Generator(device).manual_seed(args.seed * 1_000_000_007 + step * A + m)
-            sync = world == 1 or j == accum - 1  # all-reduce the gradients once, after the last micro-batch
-            with (nullcontext() if sync else net.no_sync()), autocast:
-                (loss,) = distill_step([net], teacher_n, x0, c, u_all, cfg, weak_n, g, loss_scale=1 / accum)
-            total += loss
+        # Alg. 1's loop body, micro-batch by micro-batch, gradients accumulating over the batch
+        for rows_m, g, sync in micro_batches(net, rows, step, args, world, rank, device):
+            x0, c = data.get(rows_m, device)  # line 3: x0, c ~ D (VAE latents and text, from the cache)
+            u = empty.expand(len(rows_m))  # ∅ for every sample
+            with sync, autocast:
+                # lines 4-7: t ~ U[0, 1], w ~ U[w_min, w_max], eps ~ N(0, I); x_t = (1 - t) x0 + t eps
+                x_t, t, w = sample_training_point(x0, cfg, g)
+                # lines 8-11: the frozen teacher sampler's velocity (Eq. 2; with Eq. 3-4 for reflection)
+                target = teacher_target(teacher_n, x_t, t, w, c, u, cfg, weak_n)
+                # lines 12-13: the student's one pass with z^ (Eq. 7), || v_S(x_t, z^) - target ||^2
+                loss = student_loss(net, x_t, t, w, c, u, target)
+                (loss * (1 / accum)).backward()  # the step's gradient is the mean over its micro-batches
+            total += loss.item()
         if world > 1:
             dist.all_reduce(total)
         loss = total.item() / A
@@ -373,7 +364,7 @@ def main(argv=None):
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             raise SystemExit(f"error: non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}; "
                              f"stopped before the update, the last good checkpoint in {out} is kept")
-        opt.step()
+        opt.step()  # line 14: the AdamW update
         opt.zero_grad(set_to_none=world == 1)
         dt = time.perf_counter() - t0
         (rows_t, s_t), (rows_w, s_w) = teacher_n.take(), weak_n.take() if weak_n else (0, 0.0)

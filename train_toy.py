@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F_
 from tqdm.auto import tqdm
 
-from tinyteef import checkpoint, samplers
-from tinyteef.distill import DistillConfig, distill_step, effective_guidance
+from tinyteef import checkpoint
+from tinyteef.distill import check_w_range, sample_training_point, student_loss, teacher_target
 from tinyteef.flow import interpolate, sample_t_logit_normal, velocity_target
-from tinyteef.guidance import TEEFUSION_DIVISOR, DistillCFG, Student
+from tinyteef.guidance import DistillCFG, Student
 from tinyteef.mmdit import MMDiT, MMDiTConfig
 from tinyteef.schedules import Ramp
 from toy import data as toydata
@@ -45,6 +45,7 @@ from toy.colour import colour_stats
 from toy.evaluator import Evaluator, train_evaluator
 from toy.report import (colour_section, curve_section, fidelity_section, save_grid, save_w_grid,
                         schedule_section, write_report)
+from toy.methods import STUDENTS, distill_config, method_at, row_guidance, student_method, teacher_methods
 from toy.presets import PRESETS
 from toy.scoring import Scorer, autocast, spread
 from toy.text import PromptBank, TextEncoder, Tokenizer
@@ -182,57 +183,27 @@ def stage_teacher(data, P, device, out, seed):
 # stages 3-8: scoring samplers and students, distilling, schedule, negative prompts, fidelity, report
 
 
-def teacher_methods(teacher, weak, w):
-    """The teacher's samplers at guidance w, each as method(x, ts, c, u) -> samplers.Samples."""
-    return {
-        "Teacher Euler (no guidance)": lambda x, ts, c, u: samplers.euler(teacher, x, ts, c),
-        "Teacher Euler+CFG": lambda x, ts, c, u: samplers.euler_cfg(teacher, x, ts, c, u, w),
-        "Teacher naive fusion (Eq. 5)": lambda x, ts, c, u: samplers.naive(teacher, x, ts, c, u, w),
-        "Teacher Z-Sampling+CFG": lambda x, ts, c, u: samplers.z_sampling(teacher, x, ts, c, u, w),
-        "Teacher W2SD+CFG": lambda x, ts, c, u: samplers.w2sd(teacher, weak, x, ts, c, u, w),
-    }
-
-
-# student name: (teacher sampler of Alg. 1, student kind, the teacher row it imitates, divisor of
-# the TeEFusion term; None = the preset's)
-STUDENTS = {
-    "TeEFusion from Euler+CFG": ("cfg", "teefusion", "Teacher Euler+CFG", None),
-    "TeEFusion from Z-Sampling+CFG": ("zsampling", "teefusion", "Teacher Z-Sampling+CFG", None),
-    "TeEFusion from W2SD+CFG": ("w2sd", "teefusion", "Teacher W2SD+CFG", None),
-    "TeEFusion, term / 256 (authors' SD3 code), from W2SD+CFG": ("w2sd", "teefusion", "Teacher W2SD+CFG",
-                                                                  TEEFUSION_DIVISOR),
-    "DistillCFG from W2SD+CFG": ("w2sd", "distillcfg", "Teacher W2SD+CFG", None),
-    "G(psi(w)) from W2SD+CFG": ("w2sd", "gpsi_ablation", "Teacher W2SD+CFG", None),
-}
-
-
-def distill_config(P, kind):
-    """Alg. 1's settings for teacher sampler `kind`: the students train for the toy's own sampling
-    grid (P.sample_steps, shift 1), with t ~ P.t_dist; the inversion guidance is the samplers'
-    default (Z-Sampling at w_inv = -1, W2SD's weak model at the strong w), as in train_sd3.py."""
-    return DistillConfig(teacher=kind, w_min=P.w_min, w_max=P.w_max, sample_steps=P.sample_steps, shift=1.0,
-                         t_dist=P.t_dist)
-
-
-
 def stage_students(data, P, device, out, seed, teacher, weak, text, bank, kind):
-    """Alg. 1 from one teacher sampler: every student of STUDENTS that uses it, on shared targets.
+    """Alg. 1 from one teacher sampler `kind`: every student of STUDENTS that uses it, trained on
+    the same targets (one teacher target per batch, several students).
     Returns ({name: Student}, their loss curves {name: [(step, loss)]})."""
-    names = [n for n, spec in STUDENTS.items() if spec[0] == kind]
+    names = [n for n, spec in STUDENTS.items() if spec.teacher == kind]
     torch.manual_seed(seed)  # DistillCFG's H starts the same whichever stages ran before
     students = []
-    for n in names:
-        _, student_kind, _, divisor = STUDENTS[n]
-        H = DistillCFG(teacher.config.hidden_size).to(device) if student_kind == "distillcfg" else None
-        students.append(Student(copy.deepcopy(teacher).requires_grad_(True).train(), student_kind, H,
-                                P.teefusion_divisor if divisor is None else divisor, (P.w_min, P.w_max)))
+    for n in names:  # Alg. 1 line 1: each student starts as a copy of the teacher
+        spec = STUDENTS[n]
+        H = DistillCFG(teacher.config.hidden_size).to(device) if spec.kind == "distillcfg" else None
+        students.append(Student(copy.deepcopy(teacher).requires_grad_(True).train(), spec.kind, H,
+                                P.teefusion_divisor if spec.divisor is None else spec.divisor, (P.w_min, P.w_max)))
     path, partial = os.path.join(out, f"students_{kind}.pt"), os.path.join(out, f"students_{kind}.partial.pt")
     opts = [torch.optim.AdamW(s.parameters(), lr=P.distill_lr, weight_decay=0.0) for s in students]
     if not os.path.exists(path):
         cfg = distill_config(P, kind)
-        g = torch.Generator(device).manual_seed(seed + 2)
+        for s in students:
+            check_w_range(s, cfg)
+        g = torch.Generator(device).manual_seed(seed + 2)  # every draw of this stage: data, t, w, noise
         state = {"step": 0, "losses": []}
-        if os.path.exists(partial):
+        if os.path.exists(partial):  # resume: weights, optimizers, the generator and the curve
             state = checkpoint.load(partial)
             for s, o, st in zip(students, opts, state["students"]):
                 s.load_state_dict(st["student"])  # the model and, for DistillCFG, H
@@ -240,17 +211,26 @@ def stage_students(data, P, device, out, seed, teacher, weak, text, bank, kind):
             g.set_state(state["rng"].to(torch.uint8))
         x_all, y_all = data.train_x.to(device), data.train_y.to(device)
         with torch.no_grad():
-            u = text(bank.empty)
+            u = text(bank.empty).expand(P.distill_batch)  # ∅, the empty prompt's encoding, per sample
         bar = tqdm(range(state["step"], P.distill_steps), desc=f"students ({kind})", initial=state["step"],
                    total=P.distill_steps)
         for step in bar:
+            # Alg. 1 line 3: x0, c ~ D (an image and a prompt naming its class or attributes)
             rows = random_rows(g, len(x_all), P.distill_batch)
             with torch.no_grad():
                 c = text(bank.sample(y_all[rows], g))
             with autocast(device):
-                losses = distill_step(students, teacher, toydata.to_float(x_all[rows]), c, u, cfg,
-                                      weak=weak, generator=g)
-            for o in opts:
+                # lines 4-7: t ~ p(t), w ~ U[w_min, w_max], eps ~ N(0, I); x_t = (1 - t) x0 + t eps
+                x_t, t, w = sample_training_point(toydata.to_float(x_all[rows]), cfg, g)
+                # lines 8-11: the teacher sampler's velocity at (x_t, t, w), once for all its students
+                target = teacher_target(teacher, x_t, t, w, c, u, cfg, weak)
+                losses = []
+                for s in students:
+                    # lines 12-13: the student's one pass with z^ (Eq. 7 or a baseline's), MSE
+                    loss = student_loss(s, x_t, t, w, c, u, target)
+                    loss.backward()
+                    losses.append(loss.item())
+            for o in opts:  # line 14: the update
                 o.step()
                 o.zero_grad(set_to_none=True)
             if step % 10 == 0:
@@ -270,9 +250,35 @@ def stage_students(data, P, device, out, seed, teacher, weak, text, bank, kind):
     return dict(zip(names, students)), curves
 
 
-def student_method(s, w):
-    """A student's one-pass Euler sampler at guidance w, as method(x, ts, c, u)."""
-    return lambda x, ts, c, u: samplers.student(s, x, ts, c, u, w)
+def score(scorer, out, name, method, teacher_x=None, timing=True):
+    """Score one method (cached in OUT/scores/), save its grid of samples, return its table row;
+    with `teacher_x`, the samples of the teacher row it imitates, also the RMS distance to them."""
+    slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+    def compute():
+        r, x = scorer.score(method, timing=timing)
+        save_grid(spread(x, 64), os.path.join(out, f"{slug}.png"))
+        return {**r, "x": toydata.to_uint8(x)}
+    r = staged(os.path.join(out, "scores", f"{slug}.pt"), compute)
+    if teacher_x is not None:
+        diff = toydata.to_float(r["x"]) - toydata.to_float(teacher_x)
+        r["rms"] = diff.square().mean().sqrt().item()
+    return {**r, "grid": f"{slug}.png"}
+
+
+def stage_sweep(scorer, P, out, methods):
+    """Fig. 5a and Fig. 4 in small: every method of `methods` ({name: method as a function of w})
+    scored at each w of P.sweep, and grid_w.png (rows w, blocks methods, same prompts and noise)."""
+    def compute():
+        rows, grid = {}, {}
+        for w in tqdm(P.sweep, desc="w sweep"):
+            rows[w], grid[w] = {}, {}
+            for m, make in methods.items():
+                r, x = scorer.score(make(w), n=max(P.n_eval // 2, 8), timing=False)
+                rows[w][m], grid[w][m] = r, spread(x, 8)
+        save_w_grid(grid, os.path.join(out, "grid_w.png"))
+        return {"rows": rows}
+    return staged(os.path.join(out, "sweep.pt"), compute)
 
 
 def main(argv=None):
@@ -307,6 +313,7 @@ def main(argv=None):
         checkpoint.atomic_write(first_path, lambda f: f.write(str(started).encode()))
     with open(first_path) as f:
         first = float(f.read())
+    # stages 1 and 2: the evaluator, then the teacher with its text encoder and W2SD's weak model
     evaluator, ev = stage_evaluator(data, P, device, out, args.seed)
     teacher, weak, text, tokenizer, teacher_losses = stage_teacher(data, P, device, out, args.seed)
     bank = PromptBank(data, tokenizer, device)
@@ -315,72 +322,51 @@ def main(argv=None):
     curves = {"evaluator (cross-entropy)": {"evaluator": ev.get("losses", [])},
               "teacher (flow matching)": {"teacher": teacher_losses}}
 
-    def scored(name, method, teacher_x=None, timing=True):
-        """Score one method (cached in scores/), save its sample grid, return its row."""
-        slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+    # stage 3: the teacher's samplers at the table's w
+    table = {name: score(scorer, out, name, m) for name, m in teacher_methods(teacher, weak, P.w).items()}
 
-        def compute():
-            r, x = scorer.score(method, timing=timing)
-            save_grid(spread(x, 64), os.path.join(out, f"{slug}.png"))
-            return {**r, "x": toydata.to_uint8(x)}
-        r = staged(os.path.join(out, "scores", f"{slug}.pt"), compute)
-        if teacher_x is not None:
-            diff = toydata.to_float(r["x"]) - toydata.to_float(teacher_x)
-            r["rms"] = diff.square().mean().sqrt().item()
-        return {**r, "grid": f"{slug}.png"}
-
-    table = {name: scored(name, m) for name, m in teacher_methods(teacher, weak, P.w).items()}
+    # stage 4: Alg. 1 from each guided sampler, then each student scored beside the row it imitates
     students = {}
     for kind, label in (("cfg", "Euler+CFG"), ("zsampling", "Z-Sampling+CFG"), ("w2sd", "W2SD+CFG")):
         found, curves[f"students from {label} (Alg. 1)"] = stage_students(
             data, P, device, out, args.seed, teacher, weak, text, bank, kind)
         students.update(found)
     for name, s in students.items():
-        table[name] = scored(name, student_method(s, P.w), table[STUDENTS[name][2]]["x"])
-    kinds = {"Teacher Euler+CFG": "cfg", "Teacher Z-Sampling+CFG": "zsampling", "Teacher W2SD+CFG": "w2sd",
-             **{name: spec[0] for name, spec in STUDENTS.items()}}
+        table[name] = score(scorer, out, name, student_method(s, P.w), table[STUDENTS[name].imitates]["x"])
     for name, r in table.items():  # what each row amounts to, to first order in the step
-        r["guidance"] = effective_guidance(distill_config(P, kinds[name]), P.w) if name in kinds else "—"
+        r["guidance"] = row_guidance(name, P)
 
-    def at(name):
-        """The teacher sampler or student `name` as a function of w (a number or a schedule)."""
-        return (lambda w: student_method(students[name], w)) if name in students else (
-            lambda w: teacher_methods(teacher, weak, w)[name])
-    sweep_methods = {"W2SD+CFG": at("Teacher W2SD+CFG"), "TeEFusion": at("TeEFusion from W2SD+CFG"),
-                     "TeEFusion / 256": at("TeEFusion, term / 256 (authors' SD3 code), from W2SD+CFG"),
-                     "DistillCFG": at("DistillCFG from W2SD+CFG")}
-
-    def sweep_compute():
-        rows, grid = {}, {}
-        for w in tqdm(P.sweep, desc="w sweep"):
-            rows[w], grid[w] = {}, {}
-            for m, make in sweep_methods.items():
-                r, x = scorer.score(make(w), n=max(P.n_eval // 2, 8), timing=False)
-                rows[w][m], grid[w][m] = r, spread(x, 8)
-        save_w_grid(grid, os.path.join(out, "grid_w.png"))
-        return {"rows": rows}
-    sweep = staged(os.path.join(out, "sweep.pt"), sweep_compute)
+    # the w sweep (Fig. 5a, Fig. 4): the W2SD+CFG teacher and three of its students
+    at = {name: method_at(name, students, teacher, weak) for name in (
+        "Teacher Euler+CFG", "TeEFusion from Euler+CFG", "Teacher W2SD+CFG", "TeEFusion from W2SD+CFG",
+        "TeEFusion, term / 256 (authors' SD3 code), from W2SD+CFG", "DistillCFG from W2SD+CFG")}
+    sweep_methods = {"W2SD+CFG": at["Teacher W2SD+CFG"], "TeEFusion": at["TeEFusion from W2SD+CFG"],
+                     "TeEFusion / 256": at["TeEFusion, term / 256 (authors' SD3 code), from W2SD+CFG"],
+                     "DistillCFG": at["DistillCFG from W2SD+CFG"]}
+    sweep = stage_sweep(scorer, P, out, sweep_methods)
 
     # stage 5: a ramp from w_min (noise) to 2 w - w_min (data), mean w, against the constant w
     ramp = Ramp(P.w_min, 2 * P.w - P.w_min)
     ramp_name = f"w ramp {ramp.w_start:g} → {ramp.w_end:g}"
-    pairs = {name: at(name) for name in ("Teacher Euler+CFG", "TeEFusion from Euler+CFG", "Teacher W2SD+CFG",
+    pairs = {name: at[name] for name in ("Teacher Euler+CFG", "TeEFusion from Euler+CFG", "Teacher W2SD+CFG",
                                          "TeEFusion from W2SD+CFG")}
-    schedule = {name: {"constant": table[name], "schedule": scored(f"{name}, {ramp_name}", make(ramp), timing=False)}
+    schedule = {name: {"constant": table[name],
+                       "schedule": score(scorer, out, f"{name}, {ramp_name}", make(ramp), timing=False)}
                 for name, make in pairs.items()}
     # stage 6: negative prompts, on the same samplers at the table's w
     negated = staged(os.path.join(out, "negative.pt"),
                      lambda: negative.measure(scorer, {name: make(P.w) for name, make in pairs.items()}))
     # stage 7: each student's error against its teacher's target over (w, t), on held-out images
     fid = staged(os.path.join(out, "fidelity.pt"), lambda: fidelity.measure(
-        {name: (s, STUDENTS[name][0]) for name, s in students.items()}, teacher, weak, text, bank, data,
+        {name: (s, STUDENTS[name].teacher) for name, s in students.items()}, teacher, weak, text, bank, data,
         {kind: distill_config(P, kind) for kind in ("cfg", "zsampling", "w2sd")}, min(P.distill_batch // 2, 64),
         device, args.seed + 3))
+
+    # stage 8: the report
     sections = [schedule_section(schedule, ramp, P.w), negative.section(negated, data.attributes, P.w),
                 fidelity_section(out, fid, (P.w_min, P.w_max)),
                 colour_section(out, sweep["rows"], list(sweep_methods), colour_stats(data.test_x)),
                 curve_section(out, curves)]
-
     w2sd_ms, student_ms = table["Teacher W2SD+CFG"]["ms"], table["TeEFusion from W2SD+CFG"]["ms"]
     info = {"data": args.data, "preset": args.preset, "w": P.w, "facts": {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",

@@ -7,7 +7,8 @@ import torch
 
 from conftest import TINY, random_mmdit
 from test_samplers import Field, text
-from tinyteef.distill import DistillConfig, distill_step, effective_guidance, sample_training_point, teacher_target
+from tinyteef.distill import (DistillConfig, check_w_range, effective_guidance, sample_training_point, student_loss,
+                              teacher_target)
 from tinyteef.flow import interpolate, sample_t_logit_normal, velocity_target
 from tinyteef.guidance import Student, Text, guided_velocity
 from tinyteef.mmdit import MMDiT, MMDiTConfig
@@ -56,7 +57,7 @@ def test_w2sd_reach_target_on_linear_fields_by_hand():
     # x' = (1 - Δa) x = 0.75x; x~ = (1 + Δb) x' = 1.125x; x'' = (1 - Δa) x~ = 0.84375x;
     # target = (x'' - x) / (-Δ) = 0.625 x
     c, u = text(0.0, a=1.0), text(0.0, a=1.0)
-    strong, weak = Field(), lambda x, t, tok, pooled, extra=None: 2.0 * x
+    strong, weak = Field(), lambda x, t, tok, pooled: 2.0 * x
     cfg = DistillConfig(teacher="w2sd", w_weak=0.0, sample_steps=4, shift=3.0)
     target = teacher_target(strong, X, T, 0, c, u, cfg, weak=weak)
     assert torch.allclose(target, 0.625 * X)
@@ -71,7 +72,7 @@ class Smooth:
     def __init__(self, k=1.0):
         self.k = k
 
-    def __call__(self, x, t, tokens, pooled, extra=None):
+    def __call__(self, x, t, tokens, pooled):
         p = self.k * pooled[:, :3, None, None, None].to(x.dtype)  # (B, 3, 1, 1, 1)
         t = t.to(x.dtype).reshape(-1, 1, 1, 1)
         return p[:, 0] * torch.tanh(x + p[:, 1]) + p[:, 2] * torch.cos(2 * t) * x
@@ -130,19 +131,30 @@ def test_bad_config_values():
         Student(torch.nn.Linear(1, 1), kind="cfg")
 
 
+def distill(students, teacher, x0, c, u, cfg, weak=None, generator=None):
+    """Alg. 1's loop body (lines 3-13) as the scripts write it: one teacher target, each student's
+    loss and backward. Returns the losses."""
+    x_t, t, w = sample_training_point(x0, cfg, generator)
+    target = teacher_target(teacher, x_t, t, w, c, u.expand(x0.shape[0]), cfg, weak)
+    losses = [student_loss(s, x_t, t, w, c, u.expand(x0.shape[0]), target) for s in students]
+    for loss in losses:
+        loss.backward()
+    return [loss.item() for loss in losses]
+
+
 def test_step_trains_students_not_teacher_and_shares_the_target():
     teacher = random_mmdit().requires_grad_(False)
     a, b = copy.deepcopy(teacher).requires_grad_(True), copy.deepcopy(teacher).requires_grad_(True)
     c = Text(torch.randn(2, 5, 12), torch.randn(2, 10))
     u = Text(torch.zeros(1, 5, 12), torch.zeros(1, 10))
-    losses = distill_step([Student(a), Student(b)], teacher, torch.randn(2, 4, 8, 8), c, u,
-                          DistillConfig(teacher="w2sd", sample_steps=8, shift=1.0), weak=teacher)
+    losses = distill([Student(a), Student(b)], teacher, torch.randn(2, 4, 8, 8), c, u,
+                     DistillConfig(teacher="w2sd", sample_steps=8, shift=1.0), weak=teacher)
     assert losses[0] == losses[1] and losses[0] > 0  # equal students, one shared target
     assert all(p.grad is None for p in teacher.parameters())
     assert all(torch.equal(p.grad, q.grad) for p, q in zip(a.parameters(), b.parameters()))
     # a student that would record [2, 14] as its range but be trained on U[4, 6] is refused
     with pytest.raises(ValueError, match=r"w_range \(2\.0, 14\.0\) would be distilled on w ~ U\[4, 6\]"):
-        distill_step([Student(a)], teacher, torch.randn(2, 4, 8, 8), c, u, DistillConfig(teacher="cfg", w_min=4, w_max=6))
+        check_w_range(Student(a), DistillConfig(teacher="cfg", w_min=4, w_max=6))
 
 
 def test_teefusion_student_learns_cfg_at_held_out_w():
@@ -196,8 +208,8 @@ def test_teefusion_student_learns_cfg_at_held_out_w():
     cfg = DistillConfig(teacher="cfg")
     for _ in range(600):
         x0, k = data(32, g)
-        distill_step([Student(student)], teacher, x0, Text(prompts.tokens[k], prompts.pooled[k]), empty, cfg,
-                     generator=g)
+        distill([Student(student)], teacher, x0, Text(prompts.tokens[k], prompts.pooled[k]), empty, cfg,
+                generator=g)
         opt.step()
         opt.zero_grad()
     after = error(student)

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from conftest import PARITY_RTOL, TINY, assert_close_to_reference, oracle, random_mmdit
-from tinyteef.guidance import (DistillCFG, Student, Text, cfg, gpsi_term, guided_velocity, naive_fusion,
-                               teefusion_term, w_from_guidance_scale)
+from tinyteef.guidance import DistillCFG, Student, Text, cfg, guided_velocity, naive_fusion, w_from_guidance_scale
 
 
 class ConstantNet:
@@ -15,7 +14,7 @@ class ConstantNet:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, x, t, tokens, pooled, extra=None):
+    def __call__(self, x, t, tokens, pooled):
         self.calls.append(x.shape[0])
         return pooled[:, :1, None, None].expand_as(x).clone()
 
@@ -78,10 +77,10 @@ def test_eq7_equals_the_authors_formula():
     tte = ref.time_text_embed
     expected = tte.timestep_embedder(tte.time_proj(w * 1000.0)) * tte.text_embedder(c.pooled - u.pooled) / 256.0
     with torch.no_grad():
-        assert_close_to_reference(teefusion_term(ours, w, c, u), expected, what="Eq. 7 term")
-        # ... and the whole student forward: temb gets the term, the attention sees c's tokens only
         x, t = torch.randn(3, 4, 8, 8, generator=g), torch.rand(3, generator=g)
         temb = tte(1000 * t, c.pooled) + expected
+        assert_close_to_reference(Student(ours).z_hat(t, w, c, u), temb, what="Eq. 7's z^")
+        # ... and the whole student forward: temb gets the term, the attention sees c's tokens only
         h, ctx = ref.pos_embed(x), ref.context_embedder(c.tokens)
         for block in ref.transformer_blocks:
             ctx, h = block(hidden_states=h, encoder_hidden_states=ctx, temb=temb)
@@ -97,14 +96,13 @@ def test_eq7_equals_the_authors_formula():
 def test_gpsi_ablation_is_G_of_psi_of_w_over_the_teefusion_divisor(divisor):
     # Table 3 compares the ablation with the full term: both are divided by the same divisor
     ours, ref = _shared_weights()
-    w = torch.tensor([3.0, 9.0])
+    w, t = torch.tensor([3.0, 9.0]), torch.tensor([0.3, 0.8])
     tte = ref.time_text_embed
     c = Text(torch.randn(2, 5, 12), torch.randn(2, 10))
     u = Text(torch.zeros(1, 5, 12), torch.zeros(1, 10))
     with torch.no_grad():
-        expected = tte.timestep_embedder(tte.time_proj(1000 * w)) / divisor
-        assert_close_to_reference(gpsi_term(ours, w, divisor), expected)
-        assert_close_to_reference(Student(ours, "gpsi_ablation", divisor=divisor).term(w, c, u), expected)
+        expected = tte(1000 * t, c.pooled) + tte.timestep_embedder(tte.time_proj(1000 * w)) / divisor
+        assert_close_to_reference(Student(ours, "gpsi_ablation", divisor=divisor).z_hat(t, w, c, u), expected)
 
 
 @pytest.mark.parametrize("kind", ["teefusion", "gpsi_ablation", "distillcfg"])
@@ -122,19 +120,23 @@ def test_authors_bf16_rounding_reaches_every_students_term(kind):
     u = Text(torch.randn(3, 5, 12, generator=g), torch.randn(3, 10, generator=g))
     tte = ref.time_text_embed
 
-    def expected(values):
+    t = torch.tensor([0.2, 0.5, 0.9])
+
+    def expected(values):  # the authors' temb, with 1000 w given as values
         p = tte.time_proj(torch.tensor(values))
         if kind == "distillcfg":
-            return H.linear_2(torch.nn.functional.silu(H.linear_1(p)))
-        G = tte.timestep_embedder(p)
-        return G / 256.0 if kind == "gpsi_ablation" else G * tte.text_embedder(c.pooled - u.pooled) / 256.0
+            term = H.linear_2(torch.nn.functional.silu(H.linear_1(p)))
+        else:
+            G = tte.timestep_embedder(p)
+            term = G / 256.0 if kind == "gpsi_ablation" else G * tte.text_embedder(c.pooled - u.pooled) / 256.0
+        return tte(1000 * t, c.pooled) + term
 
     w = torch.tensor([5.0, 6.0, 12.0])
     with torch.no_grad():
         for rounding, values in (("authors-bf16", [4992.0, 6016.0, 12032.0]), ("float32", [5000.0, 6000.0, 12000.0])):
-            got = Student(ours, kind, H, w_rounding=rounding).term(w, c, u)
+            got = Student(ours, kind, H, w_rounding=rounding).z_hat(t, w, c, u)
             assert_close_to_reference(got, expected(values), what=rounding)
-        assert not torch.allclose(Student(ours, kind, H, w_rounding="authors-bf16").term(w, c, u),
+        assert not torch.allclose(Student(ours, kind, H, w_rounding="authors-bf16").z_hat(t, w, c, u),
                                   expected([5000.0, 6000.0, 12000.0]), atol=1e-3)
 
 
@@ -151,12 +153,13 @@ def test_distillcfg_starts_as_the_teacher():
     c = Text(torch.randn(2, 5, 12), torch.randn(2, 10))
     u = Text(torch.zeros(2, 5, 12), torch.zeros(2, 10))
     with torch.no_grad():
-        assert H(torch.tensor([2.0, 14.0])).eq(0).all()  # zero-initialised last layer
+        assert H(model.psi(torch.tensor([2.0, 14.0]))).eq(0).all()  # zero-initialised last layer
         assert torch.equal(Student(model, "distillcfg", H)(x, t, c, u, 7.0),
                            model(x, t, c.tokens, c.pooled))
     with torch.no_grad():  # once trained, H(psi(1000 w)) depends on w
         H.linear_2.weight.normal_()
-        assert not torch.allclose(H(2.0), H(3.0))
+        s = Student(model, "distillcfg", H)
+        assert not torch.allclose(s.z_hat(t, 2.0, c, u), s.z_hat(t, 3.0, c, u))
 
 
 def test_unknown_student_kind():
@@ -168,8 +171,11 @@ def test_unknown_student_kind():
 
 def test_divisor_scales_the_term():
     # Eq. 7 as the paper writes it (divisor 1) is 256 times the authors' SD3 term
-    model, c = random_mmdit(), Text(torch.randn(2, 5, 12), torch.randn(2, 10))
-    u = Text(torch.zeros(2, 5, 12), torch.zeros(2, 10))
+    # (float64, so that subtracting the shared Eq. 6 part leaves the small term exact enough)
+    model = random_mmdit().double()
+    c = Text(torch.randn(2, 5, 12, dtype=torch.float64), torch.randn(2, 10, dtype=torch.float64))
+    u, t = Text(torch.zeros(2, 5, 12), torch.zeros(2, 10, dtype=torch.float64)), torch.tensor([0.4, 0.7])
     with torch.no_grad():
-        paper, authors = Student(model, divisor=1.0).term(3.0, c, u), Student(model).term(3.0, c, u)
-    assert torch.allclose(paper, 256 * authors, rtol=1e-5)
+        z = model.conditioning(t, c.pooled)  # Eq. 6, the part both share
+        paper, authors = (Student(model, divisor=d).z_hat(t, 3.0, c, u) - z for d in (1.0, 256.0))
+    assert torch.allclose(paper, 256 * authors, rtol=1e-9)

@@ -91,7 +91,7 @@ def test_authors_bf16_rounding_of_the_guidance_value():
 def test_token_stream_is_contiguous():
     # The residual stream keeps the layout of the patch embedding's output; a channels-first
     # (B, N, D) view made every block copy before LayerNorm and ran 0.87x of diffusers' speed on an
-    # H100 at batch 4 (README). The stride check is independent of the values.
+    # H100 at batch 4 (docs/sd3-performance.md). The stride check is independent of the values.
     model = MMDiT(MMDiTConfig(**TINY))
     tokens = model.pos_embed(torch.randn(3, 4, 8, 8))
     assert tokens.shape == (3, 16, 16) and tokens.stride() == (16 * 16, 16, 1)

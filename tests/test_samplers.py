@@ -17,7 +17,7 @@ class Field:
     def __init__(self):
         self.rows = 0
 
-    def __call__(self, x, t, tokens, pooled, extra=None):
+    def __call__(self, x, t, tokens, pooled):
         self.rows += x.shape[0]
         return pooled[:, 1, None, None, None] * x + pooled[:, 0, None, None, None]
 
@@ -131,7 +131,8 @@ def test_student_with_negative_prompt_by_hand():
     tte = model.time_text_embed
     with torch.no_grad():
         term = tte.timestep_embedder(psi(torch.tensor([1000 * w]))) * tte.text_embedder(c.pooled - neg.pooled) / 256
-        expected = x - model(x, torch.ones(2), c.tokens, c.pooled, term)
+        z = tte.timestep_embedder(psi(torch.ones(2) * 1000)) + tte.text_embedder(c.pooled) + term  # Eq. 7
+        expected = x - model(x, torch.ones(2), c.tokens, c.pooled, z=z)
         got = samplers.student(Student(model), x, time_grid(1), c, neg, w).x
         with_empty = samplers.student(Student(model), x, time_grid(1), c, empty, w).x
     assert torch.allclose(got, expected, atol=1e-6)

@@ -9,7 +9,7 @@ from conftest import random_mmdit
 from test_samplers import X0, Field, text
 from tinyteef import samplers
 from tinyteef.flow import time_grid
-from tinyteef.guidance import Student, Text, teefusion_term
+from tinyteef.guidance import Student, Text
 from tinyteef.schedules import Interval, Ramp, per_step
 
 
@@ -89,19 +89,21 @@ def test_constant_schedule_equals_scalar_bit_for_bit(tiny):
 
 
 def test_student_schedule_takes_each_steps_term(tiny, monkeypatch):
-    # two Euler steps written out, each with its own Eq. 7 term: w = 2 at t = 1, w = 8 at t = 0.5
+    # two Euler steps written out, each with its own Eq. 7 z^: w = 2 at t = 1, w = 8 at t = 0.5
     model, c, u, x = tiny
-    ts = time_grid(2)
+    ts, s = time_grid(2), Student(model)
+    B = x.shape[0]
     with torch.no_grad():
-        x1 = x + (ts[1] - ts[0]) * model(x, ts[0], c.tokens, c.pooled, teefusion_term(model, 2.0, c, u))
-        expected = x1 + (ts[2] - ts[1]) * model(x1, ts[1], c.tokens, c.pooled, teefusion_term(model, 8.0, c, u))
-    assert torch.allclose(samplers.student(Student(model), x, ts, c, u, [2.0, 8.0]).x, expected, atol=1e-6)
-    # the term is computed once for a constant w, once per step for a schedule
+        z0, z1 = s.z_hat(ts[0].expand(B), 2.0, c, u), s.z_hat(ts[1].expand(B), 8.0, c, u)
+        x_1 = x + (ts[1] - ts[0]) * model(x, ts[0], c.tokens, c.pooled, z=z0)
+        expected = x_1 + (ts[2] - ts[1]) * model(x_1, ts[1], c.tokens, c.pooled, z=z1)
+    assert torch.allclose(samplers.student(s, x, ts, c, u, [2.0, 8.0]).x, expected, atol=1e-6)
+    # every step builds z^ with its own w: the constant on each step, the ramp's value per step
     calls = []
-    term = Student.term
-    monkeypatch.setattr(Student, "term", lambda self, w, c, u: calls.append(w) or term(self, w, c, u))
+    z_hat = Student.z_hat
+    monkeypatch.setattr(Student, "z_hat", lambda self, t, w, c, u: calls.append(w) or z_hat(self, t, w, c, u))
     samplers.student(Student(model), x, time_grid(4), c, u, 5.0)
-    assert calls == [5.0]
+    assert calls == [5.0] * 4
     calls.clear()
     samplers.student(Student(model), x, time_grid(4), c, u, Ramp(2.0, 8.0))
     assert calls == [2.0, 3.5, 5.0, 6.5]

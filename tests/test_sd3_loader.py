@@ -96,16 +96,21 @@ def test_student_w_rounding_from_its_record(tmp_path):
     assert rounding == {"authors": "authors-bf16", "ours": "float32", "older": "float32"}
     assert load_student(tmp_path / "authors", w_rounding="float32").w_rounding == "float32"
     assert load_student(tmp_path / "ours", w_rounding="authors-bf16").w_rounding == "authors-bf16"
+    # in float64, so that z^ minus Eq. 6's part leaves the small Eq. 7 term exact enough to compare
     ref = diffusers.SD3Transformer2DModel(**TINY).eval()
     ref.load_state_dict(model.state_dict())
+    ref.double()
     tte, g = ref.time_text_embed, torch.Generator().manual_seed(0)
-    c, u = Text(torch.randn(1, 5, 12, generator=g), torch.randn(1, 10, generator=g)), Text(
-        torch.randn(1, 5, 12, generator=g), torch.randn(1, 10, generator=g))
+    c, u = (Text(torch.randn(1, 5, 12, generator=g).double(), torch.randn(1, 10, generator=g).double())
+            for _ in range(2))
+    t = torch.tensor([0.5])
     with torch.no_grad():
         for name, value in (("ours", 5000.0), ("authors", 4992.0)):
-            expected = tte.timestep_embedder(tte.time_proj(torch.tensor([value]))) * tte.text_embedder(
+            expected = tte.timestep_embedder(tte.time_proj(torch.tensor([value])).double()) * tte.text_embedder(
                 c.pooled - u.pooled) / 256.0
-            assert_close_to_reference(load_student(tmp_path / name).term(5.0, c, u), expected, what=name)
+            student = load_student(tmp_path / name, dtype=torch.float64)
+            term = student.z_hat(t, 5.0, c, u) - student.model.conditioning(t, c.pooled)
+            assert_close_to_reference(term, expected, what=name)
 
 
 def test_vae_from_diffusers_folder(tmp_path):

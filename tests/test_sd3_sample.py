@@ -197,7 +197,7 @@ def test_authors_bf16_student_equals_the_authors_bf16_loop(tmp_path):
     tr = diffusers.SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer").to(bf16)
     tte, sched = tr.time_text_embed, diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
     sched.set_timesteps(steps)
-    terms, velocities, x = [], [], noise
+    tembs, velocities, x = [], [], noise
     with torch.no_grad():
         for t in sched.timesteps:
             guidance = torch.tensor((w,), dtype=tr.dtype) * 1000.0
@@ -209,16 +209,17 @@ def test_authors_bf16_student_equals_the_authors_bf16_loop(tmp_path):
                 ctx, h = block(hidden_states=h, encoder_hidden_states=ctx, temb=temb)
             h = tr.proj_out(tr.norm_out(h, temb)).reshape(1, 4, 4, 2, 2, 4)
             v = torch.einsum("nhwpqc->nchpwq", h).reshape(1, 4, 8, 8)
-            terms.append(term)
+            tembs.append(temb)
             velocities.append(v)
             x = sched.step(v, t, x, return_dict=False)[0]
     assert x.dtype == bf16
 
     def ours(w_rounding=None):
-        """(terms, velocities) per step of our student sampler; w_rounding None: the folder's default."""
+        """(z^, velocity) per step of our student sampler; w_rounding None: the folder's default."""
         student = load_student(folder, dtype=bf16, w_rounding=w_rounding)
         seen = []
-        hook = student.model.register_forward_hook(lambda m, args, out: seen.append((args[4], out)))
+        hook = student.model.register_forward_hook(lambda m, args, kwargs, out: seen.append((kwargs["z"], out)),
+                                                   with_kwargs=True)
         with torch.autocast("cpu", dtype=bf16):
             samplers.student(student, noise.float(), time_grid(steps, 3.0, u_last=shift(SD3_T_MIN, 3.0)), c, u, w)
         hook.remove()
@@ -232,11 +233,11 @@ def test_authors_bf16_student_equals_the_authors_bf16_loop(tmp_path):
     rtol = 2e-2
     rounding, seen = ours()
     assert rounding == "authors-bf16"  # a folder without our record is the authors' release
-    for i, ((our_term, our_v), term, v) in enumerate(zip(seen, terms, velocities)):
-        assert_close_to_reference(our_term, term, rtol=rtol, what=f"step {i}: the term added to z")
+    for i, ((our_z, our_v), temb, v) in enumerate(zip(seen, tembs, velocities)):
+        assert_close_to_reference(our_z, temb, rtol=rtol, what=f"step {i}: z^ (their temb)")
         assert_close_to_reference(our_v, v, rtol=rtol, what=f"step {i}: velocity")
     rounding, seen = ours("float32")
     assert rounding == "float32"
-    for (our_term, our_v), term, v in zip(seen, terms, velocities):
-        assert (our_term.double() - term.double()).abs().max() > 5 * rtol * term.double().abs().max()
+    for (our_z, our_v), temb, v in zip(seen, tembs, velocities):
+        assert (our_z.double() - temb.double()).abs().max() > 5 * rtol * temb.double().abs().max()
         assert (our_v.double() - v.double()).abs().max() > 5 * rtol * v.double().abs().max()

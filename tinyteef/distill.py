@@ -9,8 +9,9 @@
       z^ from Eq. 7; loss = || v_S(x_t, z^) - target ||^2              (lines 12-13)
       optimizer step                                                   (line 14)
 
-`distill_step` is the loop body up to the backward pass; the update (line 14) is the caller's, so a
-training script can accumulate gradients over several calls. train_toy.py and train_sd3.py call it.
+The pieces, in the order train_toy.py and train_sd3.py call them in their loops: `sample_training_point`
+(lines 3-7), `teacher_target` (lines 8-11), `student_loss` (lines 12-13); the backward pass and the
+update (line 14) are the scripts' own, so that a script can accumulate gradients over micro-batches.
 Several students may share one teacher target (the toy trains TeEFusion, DistillCFG and the
 G(psi(w)) ablation on the same W2SD+CFG targets).
 
@@ -150,27 +151,11 @@ def student_loss(student: Student, x_t, t, w, c: Text, u: Text, target, per_samp
     return error.flatten(1).mean(dim=1) if per_sample else error.mean()
 
 
-def distill_step(students, teacher, x0, c: Text, u: Text, cfg: DistillConfig, weak=None,
-                 generator=None, loss_scale=1.0):
-    """One pass of Alg. 1's loop body (lines 3-13) for one batch: draw (t, w, eps), compute the
-    teacher's target once, and for each student compute its loss and back-propagate
-    loss * loss_scale (1 / accumulation steps). The optimizer update is the caller's.
-
-    students: a list of guidance.Student (or DDP wrappers of them); x0 (B, C, H, W); c the batch's prompts, u the empty prompt (any
-    batch size that broadcasts, e.g. 1). Returns the unscaled losses, one float per student.
-    """
-    for s in students:  # the range a student records and keeps to at sampling is the one it is trained on
-        w_range = getattr(s, "module", s).w_range  # (a DDP wrapper holds the Student as .module)
-        if tuple(w_range) != (cfg.w_min, cfg.w_max):
-            raise ValueError(f"a student with w_range {tuple(w_range)} would be distilled on w ~ U[{cfg.w_min:g}, "
-                             f"{cfg.w_max:g}]: give it w_range=(w_min, w_max) of the DistillConfig")
-    B = x0.shape[0]
-    u = u.expand(B)
-    x_t, t, w = sample_training_point(x0, cfg, generator)
-    target = teacher_target(teacher, x_t, t, w, c, u, cfg, weak)
-    losses = []
-    for s in students:
-        loss = student_loss(s, x_t, t, w, c, u, target)
-        (loss * loss_scale).backward()
-        losses.append(loss.item())
-    return losses
+def check_w_range(student, cfg: DistillConfig):
+    """Refuse a student whose recorded w_range is not Alg. 1's U[w_min, w_max]: the range a student
+    records, and keeps to at sampling, must be the one it is trained on. `student` may be a DDP
+    wrapper of a guidance.Student."""
+    w_range = getattr(student, "module", student).w_range  # a DDP wrapper holds the Student as .module
+    if tuple(w_range) != (cfg.w_min, cfg.w_max):
+        raise ValueError(f"a student with w_range {tuple(w_range)} would be distilled on w ~ U[{cfg.w_min:g}, "
+                         f"{cfg.w_max:g}]: give it w_range=(w_min, w_max) of the DistillConfig")

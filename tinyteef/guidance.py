@@ -5,13 +5,13 @@ Convention: `w` is the paper's guidance weight, v = (1 + w) v(c) - w v(∅). dif
 `guidance_scale` is w + 1 (`w_from_guidance_scale`). Every w below may be a Python number or a
 (B,) tensor (one w per sample, as Alg. 1 draws them).
 
-A "net" is anything called as net(x, t, tokens, pooled, extra=None) -> v: an MMDiT or the pass
-counter of samplers.py. The students' terms read G and F from the model itself.
+A "net" is anything called as net(x, t, tokens, pooled) -> v: an MMDiT or the pass counter of
+samplers.py. A student (`Student`) reads G and F from its model and builds Eq. 7's z^ in `z_hat`.
 
 Negative prompts: wherever ∅ (`u`) appears below, a negative prompt's encoding may take its place.
-CFG then pushes away from it, (1 + w) v(c) - w v(neg), and the student's term becomes
+CFG then pushes away from it, (1 + w) v(c) - w v(neg), and the student's Eq. 7 term becomes
 G(psi(w)) ⊙ F(pooled(c) - pooled(neg)) while the attention still sees c's tokens only. The paper's
-students were distilled with ∅ alone, so for them this is an experiment (see the README's toy result).
+students were distilled with ∅ alone, so for them this is an experiment (see docs/toy-results.md).
 """
 
 from dataclasses import dataclass
@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from .flow import per_sample
-from .mmdit import PSI_DIM, W_ROUNDINGS, MLPEmbedder, psi_scaled
+from .mmdit import PSI_DIM, W_ROUNDINGS, MLPEmbedder
 
 # The authors' released code divides the product G(psi(w)) * F(c - ∅) by 256 before adding it to
 # z (AIDC-AI/TeEFusion, pipelines/sd3_model.py). The paper's Eq. 7 omits it. We keep it so that
@@ -85,51 +85,17 @@ def naive_fusion(c: Text, u: Text, w):
     return Text(c.tokens + wt * (c.tokens - u.tokens), c.pooled + wp * (c.pooled - u.pooled))
 
 
-def teefusion_term(model, w, c: Text, u: Text, divisor=TEEFUSION_DIVISOR, w_rounding="float32"):
-    """Eq. 7's extra term, as the authors' released code computes it:
-
-        G(psi(1000 w)) ⊙ F(pooled(c) - pooled(∅)) / divisor
-
-    - G and psi are the model's own timestep MLP and sinusoid, and w is scaled by 1000 like t;
-    - F is the model's own pooled-text MLP, applied to the difference of the pooled vectors
-      (difference first, then F: "c - ∅ is computed after projection to the text embedding
-      space" means F's input space, the pooled vector);
-    - with a negative prompt as u, F's input is pooled(c) - pooled(neg) (the authors' pipeline takes
-      the difference with whatever its negative prompt encodes, "" by default);
-    - the divisor is 256 in the authors' SD3 code (TEEFUSION_DIVISOR) and absent (1) in the
-      paper's Eq. 7. It sets the term's size next to z = G(psi(t)) + F(c), which depends on the
-      model: see the toy's README section for what 256 does to a small model.
-    - 1000 w is float32 by default (w_rounding "float32"), where the authors' pipeline builds it
-      in the model's dtype (bf16 rounds 6000 to 6016); w_rounding "authors-bf16" rounds as they
-      do, for their released student (mmdit.psi_input).
-    Returns (B, D).
-    """
-    return model.embed_scalar(w, w_rounding) * model.F(c.pooled - u.pooled) / divisor
-
-
-def gpsi_term(model, w, divisor=TEEFUSION_DIVISOR, w_rounding="float32"):
-    """Table 3's ablation "G(psi(w))": the shared timestep MLP on w alone, without F(c - ∅),
-    divided by the same divisor as the TeEFusion term it is compared with, so that both start
-    the same distance from the teacher's z (undivided, with SD3's 256 the ablation would start a
-    whole timestep embedding away). (B, D), or (1, D) for a number w."""
-    return model.embed_scalar(w, w_rounding) / divisor
-
-
 class DistillCFG(MLPEmbedder):
     """The DistillCFG baseline (Meng et al. 2023; FLUX.1-dev's guidance embedding): z += H(psi(w)),
-    H a new MLP shaped like G (this module). The authors' code names it `guidance_in`, with
-    `linear_1` and `linear_2` as here, so saved under the prefix `guidance_in.` its keys match.
-    Our choice: H's last layer starts at zero, so the student starts equal to the teacher."""
+    H a new MLP shaped like G (this module), reading psi(1000 w) (Student.z_hat). The authors' code
+    names it `guidance_in`, with `linear_1` and `linear_2` as here, so saved under the prefix
+    `guidance_in.` its keys match. Our choice: H's last layer starts at zero, so the student starts
+    equal to the teacher."""
 
     def __init__(self, dim):
         super().__init__(PSI_DIM, dim)
         nn.init.zeros_(self.linear_2.weight)
         nn.init.zeros_(self.linear_2.bias)
-
-    def forward(self, w, w_rounding="float32"):
-        """H(psi(1000 w)), psi in float32 and 1000 w as `w_rounding` says (mmdit.psi_input).
-        w: number or (B,) -> (1 or B, D)."""
-        return super().forward(psi_scaled(w, self.linear_1.weight, w_rounding))
 
 
 class Student(nn.Module):
@@ -179,15 +145,34 @@ class Student(nn.Module):
                              f"still acts): use a w inside the range, and a schedule that stays inside it "
                              f"(a Ramp, not an Interval)")
 
-    def term(self, w, c: Text, u: Text):
-        """The vector this student adds to z. (B or 1, D)."""
-        if self.kind == "teefusion":
-            return teefusion_term(self.model, w, c, u, self.divisor, self.w_rounding)
-        if self.kind == "gpsi_ablation":
-            return gpsi_term(self.model, w, self.divisor, self.w_rounding)
-        return self.H(w, self.w_rounding)
+    def z_hat(self, t, w, c: Text, u: Text):
+        """Eq. 7, the student's conditioning vector, as the authors' released code computes it:
 
-    def forward(self, x, t, c: Text, u: Text, w, extra=None):
-        """v_S(x_t, z^(t, c, ∅, w)), one forward pass: the attention sees the conditional tokens
-        only; w enters through the term added to z (`extra`, computed here unless given)."""
-        return self.model(x, t, c.tokens, c.pooled, self.term(w, c, u) if extra is None else extra)
+            z^ = G(psi(t)) + F(c) + G(psi(w)) ⊙ F(c - ∅) / divisor
+
+        - G and psi are the model's own timestep MLP and sinusoid (Eq. 6), and w is scaled by 1000
+          exactly like t (`MMDiT.psi`); 1000 w is built as `w_rounding` says;
+        - F is the model's own pooled-text MLP, applied to the difference of the pooled vectors
+          (difference first, then F: "c - ∅ is computed after projection to the text embedding
+          space" means F's input space, the pooled vector); with a negative prompt as u, F's input
+          is pooled(c) - pooled(neg), as in the authors' pipeline;
+        - the divisor is 256 in the authors' SD3 code (TEEFUSION_DIVISOR) and absent (1) in the
+          paper's Eq. 7; it sets the term's size next to z, which depends on the model.
+        The baselines of Table 3 change the last term: G(psi(w)) / divisor (the ablation, divided
+        like the TeEFusion term it is compared with), or H(psi(w)) (DistillCFG, H a new MLP).
+        t, w: numbers or (B,); c (B, ...), u (B or 1, ...). Returns (B, D).
+        """
+        G, F = self.model.G, self.model.F
+        z = G(self.model.psi(t)) + F(c.pooled)  # Eq. 6: the teacher's z_{t,c}, (B, D)
+        psi_w = self.model.psi(w, self.w_rounding)  # psi(1000 w), (B or 1, 256)
+        if self.kind == "teefusion":
+            return z + G(psi_w) * F(c.pooled - u.pooled) / self.divisor  # Eq. 7
+        if self.kind == "gpsi_ablation":
+            return z + G(psi_w) / self.divisor  # Table 3: G(psi(w)) alone
+        return z + self.H(psi_w)  # DistillCFG: H(psi(w))
+
+    def forward(self, x, t, c: Text, u: Text, w):
+        """v_S(x_t, z^), one forward pass (Alg. 1 line 13, and every step of the student's sampler):
+        w enters through z^ (Eq. 7); the attention sees the conditional tokens only."""
+        t = torch.as_tensor(t, device=x.device).float().reshape(-1).expand(x.shape[0])  # (B,)
+        return self.model(x, t, c.tokens, c.pooled, z=self.z_hat(t, w, c, u))

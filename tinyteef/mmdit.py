@@ -6,9 +6,9 @@ Its conditioning vector is Eq. 6 of the paper,
 
 with psi the sinusoidal embedding (`psi`), G the timestep MLP and F the pooled-text MLP
 (`time_text_embed.timestep_embedder` and `time_text_embed.text_embedder`). `forward` takes an
-optional `extra` vector that is added to z: TeEFusion's Eq. 7 term, DistillCFG's H(psi(w)) and the
-G(psi(w)) ablation are all computed outside (guidance.py) and enter here, so no variant forks the
-model. z drives every adaLN modulation.
+optional `z` in place of Eq. 6's: a student's z^ (TeEFusion's Eq. 7, DistillCFG's H(psi(w)) and the
+G(psi(w)) ablation, all in guidance.Student.z_hat) enters here, so no variant forks the model. z
+drives every adaLN modulation.
 
 Parameter names equal those of diffusers' `SD3Transformer2DModel`, so its state dicts (SD3-medium,
 SD3.5 with qk-norm and MMDiT-X dual attention, and the authors' released TeEFusion student) load
@@ -287,7 +287,9 @@ class MMDiT(nn.Module):
     """v_theta(x_t, t, c) of SD3 (and of our toy, at small size).
 
     forward(x (B, C, H, W), t (B,) in [0, 1], tokens (B, L, joint_attention_dim),
-            pooled (B, pooled_projection_dim), extra (B, D) or None) -> velocity (B, C, H, W).
+            pooled (B, pooled_projection_dim), z (B, D) or None) -> velocity (B, C, H, W).
+    z is the conditioning vector that drives every adaLN: Eq. 6's G(psi(t)) + F(c) unless given (a
+    student passes its Eq. 7 z^, guidance.Student.z_hat).
     """
 
     def __init__(self, cfg: MMDiTConfig):
@@ -331,23 +333,23 @@ class MMDiT(nn.Module):
         """The pooled-text MLP F of Eq. 6-7."""
         return self.time_text_embed.text_embedder
 
-    def embed_scalar(self, s, rounding="float32"):
-        """G(psi(1000 s)): the time embedding for s = t, and TeEFusion's G(psi(w)) for s = w
-        (Eq. 6-7; the authors scale w by 1000 exactly like t; `rounding`: see psi_input). (B or 1, D)."""
-        return self.G(psi_scaled(s, self.G.linear_1.weight, rounding))
+    def psi(self, s, rounding="float32"):
+        """psi(1000 s) for G's input, s = t or w (the authors scale w by 1000 exactly like t):
+        float32 sinusoid, cast to G's dtype; `rounding` for w only (psi_input). (B or 1, PSI_DIM)."""
+        return psi_scaled(s, self.G.linear_1.weight, rounding)
 
-    def conditioning(self, t, pooled, extra=None):
-        """Eq. 6: z = G(psi(t)) + F(c), plus the guidance term `extra` if given (Eq. 7). (B, D)."""
-        z = self.embed_scalar(t) + self.F(pooled)
-        return z if extra is None else z + extra
+    def conditioning(self, t, pooled):
+        """Eq. 6: z_{t,c} = G(psi(t)) + F(c), c the pooled text vector. (B, D)."""
+        return self.G(self.psi(t)) + self.F(pooled)
 
-    def forward(self, x, t, tokens, pooled, extra=None):
+    def forward(self, x, t, tokens, pooled, z=None):
         B, _, H, W = x.shape
         p = self.config.patch_size
         if H % p or W % p:
             raise ValueError(f"latent height and width ({H}x{W}) must be multiples of the patch size {p}")
-        t = torch.as_tensor(t, device=x.device).float().reshape(-1).expand(B)
-        z = self.conditioning(t, pooled, extra)  # (B, D)
+        if z is None:
+            t = torch.as_tensor(t, device=x.device).float().reshape(-1).expand(B)
+            z = self.conditioning(t, pooled)  # (B, D), Eq. 6
         xs = self.pos_embed(x)  # (B, N, D), N = H W / p^2
         c = self.context_embedder(tokens)  # (B, L, D)
         for block in self.transformer_blocks:

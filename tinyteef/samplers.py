@@ -150,13 +150,12 @@ def naive(model, x, ts, c: Text, u: Text, w, progress=False):
 def student(s: Student, x, ts, c: Text, u: Text, w, progress=False):
     """A distilled student (guidance.Student): plain Euler on v_S(x, z^), one pass per step, z^ of
     Eq. 7 (or a baseline's term) carrying w.
-    Its term depends on w, c and ∅ only, not on x or t, so it is computed once for a constant w
-    and once per step for a schedule. Every step's w must lie in the student's trained range."""
-    for v in per_step(w, ts):
+    Each step calls the student itself (Student.forward, the route training takes). Every step's w
+    must lie in the student's trained range."""
+    ws = per_step(w, ts)
+    for v in ws:
         s.check_w(v)
-    extras = per_step(w, ts, lambda v: s.term(v, c, u))  # N tensors (B or 1, D)
-    return _run([s.model], x, ts, lambda net: euler_sampler(
-        lambda y, t, i: net(y, t, c.tokens, c.pooled, extras[i])), len(ts) - 1, progress)
+    return _run([s], x, ts, lambda net: euler_sampler(lambda y, t, i: net(y, t, c, u, ws[i])), len(ts) - 1, progress)
 
 
 def _reflection_nominal(ts, reflect_steps):

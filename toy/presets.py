@@ -1,6 +1,7 @@
 """Sizes and steps of the toy run (`train_toy.py --preset`): smoke for CPUs and CI, quick for a
-first look on a GPU, full for the README's figures. Method hyper-parameters follow the paper:
-w ~ U[2, 14], w = 5 for the tables, Eq. 7 as written (divisor 1; see the README for why not 256)."""
+first look on a GPU, full for the figures of docs/toy-results.md. Method hyper-parameters follow
+the paper: w ~ U[2, 14], t ~ U[0, 1], w = 5 for the tables, Eq. 7 as written (divisor 1; see
+docs/toy-results.md for why not 256)."""
 
 from dataclasses import dataclass
 
@@ -33,7 +34,8 @@ class Preset:
     t_dist: str = "uniform"  # p(t) of Alg. 1 line 4: the paper's U[0, 1] (distill.DistillConfig.t_dist)
     drop: float = 0.1  # empty-prompt rate while training the teacher (CFG needs v(∅))
     # Eq. 7's term is divided by this: 1 is the paper's equation; the authors' SD3 code uses 256
-    # (guidance.TEEFUSION_DIVISOR), which leaves the term about 1e-4 of z in a model this small (README)
+    # (guidance.TEEFUSION_DIVISOR), which leaves the term about 1e-4 of z in a model this small
+    # (docs/toy-results.md)
     teefusion_divisor: float = 1.0
     ema: float = 0.999
 
@@ -48,7 +50,7 @@ PRESETS = {
                     teacher_steps=1500, batch=256, lr=3e-4, sample_steps=16, n_eval=500, distill_steps=200,
                     distill_batch=128, distill_lr=1e-4, sweep=(2.0, 5.0, 8.0, 11.0, 14.0), save_every=500,
                     time_batch=500),
-    # the README's figures, on one H100, every stage: shapes 13.8 minutes, fashion-mnist 10.5
+    # the figures of docs/toy-results.md, on one H100, every stage: shapes 13.8 minutes, fashion-mnist 10.5
     "full": Preset(limit=None, eval_steps=1500, width=256, layers=6, text_width=128, text_layers=2,
                    teacher_steps=3500, batch=256, lr=3e-4, sample_steps=32, n_eval=1000, distill_steps=500,
                    distill_batch=128, distill_lr=1e-4, sweep=(2.0, 4.0, 6.0, 8.0, 11.0, 14.0), save_every=250,

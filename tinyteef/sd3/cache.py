@@ -15,12 +15,15 @@ import json
 import os
 
 import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_write
 from ..guidance import Text
 from ..safetensors import load_file, save_file
-from .data import load_image
-from .prompt import SD3_JOINT_DIM, SD3_T5_LENGTH
+from .data import list_items, load_image
+from .loader import load_vae
+from .prompt import SD3_JOINT_DIM, SD3_T5_LENGTH, TextEncoders
 
 CLIP_LENGTH = 77  # tokens of each CLIP encoder, before T5's in SD3's sequence
 
@@ -96,6 +99,40 @@ def write_index(folder, items, skipped):
 
 def is_complete(folder):
     return os.path.isfile(os.path.join(folder, "index.json"))
+
+
+def build(folder, model_dir, data_dir, resolution, t5_length, batch_size, device, rank=0, world=1):
+    """The cache of `data_dir` in `folder`, built once and then read: each of the `world` processes
+    encodes every world-th image (rank, rank + world, ...), rank 0 writes ∅ and the index. The
+    encoders run in bf16 on a GPU (float32 on a CPU), the VAE in float32 (SD3's config asks to
+    upcast it). Returns CachedData."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    items = list_items(data_dir)
+    settings = {"model": model_dir, "data": data_dir, "images": len(items), "resolution": resolution,
+                "encoder_dtype": str(dtype), "t5_length": t5_length}
+    if rank == 0:
+        check_settings(folder, settings)
+    if world > 1:
+        dist.barrier()
+    if not is_complete(folder):
+        encoders = TextEncoders.load(model_dir, device, dtype, t5_length=t5_length)
+        vae = load_vae(model_dir, device, torch.float32).eval()
+        rows = range(rank, len(items), world)
+        with tqdm(total=len(rows), desc="stage 1: encoding", disable=rank != 0) as bar:
+            skipped = encode_items(folder, items, rows, encoders, vae, resolution, batch_size, bar)
+        if world > 1:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, skipped)
+            skipped = [s for part in gathered for s in part]
+        if rank == 0:
+            write_empty(folder, encoders)
+            write_index(folder, items, skipped)
+        del encoders, vae
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # hand the encoders' memory back before the models load
+        if world > 1:
+            dist.barrier()
+    return CachedData(folder)
 
 
 class CachedData:
