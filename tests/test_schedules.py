@@ -96,12 +96,12 @@ def test_student_schedule_takes_each_steps_term(tiny, monkeypatch):
         x1 = x + (ts[1] - ts[0]) * model(x, ts[0], c.tokens, c.pooled, teefusion_term(model, 2.0, c, u))
         expected = x1 + (ts[2] - ts[1]) * model(x1, ts[1], c.tokens, c.pooled, teefusion_term(model, 8.0, c, u))
     assert torch.allclose(samplers.student(Student(model), x, ts, c, u, [2.0, 8.0]).x, expected, atol=1e-6)
-    # the term is computed once for a constant w, once per step for a schedule
+    # the student's forward computes the term on every step, with that step's w
     calls = []
     term = Student.term
     monkeypatch.setattr(Student, "term", lambda self, w, c, u: calls.append(w) or term(self, w, c, u))
     samplers.student(Student(model), x, time_grid(4), c, u, 5.0)
-    assert calls == [5.0]
+    assert calls == [5.0] * 4
     calls.clear()
     samplers.student(Student(model), x, time_grid(4), c, u, Ramp(2.0, 8.0))
     assert calls == [2.0, 3.5, 5.0, 6.5]
