@@ -224,7 +224,7 @@ def preview(args, student, teacher, weak, vae, data, device, step):
     x0, c = data.get(rows, device)
     u = data.empty(device).expand(len(rows))
     x = torch.randn(x0.shape, generator=torch.Generator(device).manual_seed(args.seed), device=device)
-    ts = time_grid(args.sample_steps, args.shift, u_last=shift(SD3_T_MIN, args.shift)).to(device)
+    ts = time_grid(args.sample_steps, args.shift, tau_last=shift(SD3_T_MIN, args.shift)).to(device)
     w = args.preview_w
     decode = lambda z: torch.cat([(vae.decode(zi[None].float()).clamp(-1, 1) + 1) / 2 for zi in z])
     teacher_path = os.path.join(folder, "teacher.pt")

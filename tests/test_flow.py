@@ -9,7 +9,8 @@ import torch
 from conftest import assert_close_to_reference, oracle
 from tinyteef.flow import (T_DISTS, euler_invert, euler_step, interpolate, next_t, sample_t, sample_t_logit_normal,
                            shift, time_grid, unshift, velocity_target)
-from tinyteef.samplers import euler_sampler, sample_loop
+from tinyteef.guidance import Text
+from tinyteef.samplers import euler
 
 
 def test_interpolation_and_velocity_by_hand():
@@ -37,7 +38,7 @@ def test_sd3_grid_equals_diffusers_scheduler():
     diffusers = oracle("diffusers")
     sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
     sched.set_timesteps(28)
-    ours = time_grid(28, 3.0, u_last=shift(1e-3, 3.0))
+    ours = time_grid(28, 3.0, tau_last=shift(1e-3, 3.0))
     assert_close_to_reference(ours, sched.sigmas, what="sigmas")
 
 
@@ -99,7 +100,8 @@ def test_euler_on_linear_field_closed_form():
     # dx/dt = a x integrated by N Euler steps of -1/N from t = 1 to 0: x_N = (1 - a / N)^N x_0
     a, N = 0.7, 5
     x0 = torch.tensor([[1.0, -2.0]])
-    x = sample_loop(x0, time_grid(N), euler_sampler(lambda x, t, i: a * x))
+    no_text = Text(torch.zeros(1, 1, 1), torch.zeros(1, 1))  # the field ignores it
+    x = euler(lambda x, t, tokens, pooled: a * x, x0, time_grid(N), no_text).x
     assert torch.allclose(x, x0 * (1 - a / N) ** N)
 
 

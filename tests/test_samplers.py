@@ -51,6 +51,20 @@ def test_one_reflection_step_by_hand():
     assert torch.allclose(x_tilde, 1.25 * X0) and torch.allclose(x_next, 0.625 * X0)
 
 
+
+def test_reflection_loop_by_hand():
+    # the same step as above inside the samplers' loop, then one plain Euler step 0.5 -> 0:
+    # 0.625 x - 0.5 * 0.625 x = 0.3125 x. Z-Sampling: v_strong = v(c) = x at w = 0, v_weak = v(∅) = 3x
+    # at w_inv = -1; W2SD: the weak model's v(c) = 3x at w_weak = 0. One pass per velocity: 3 on the
+    # reflected step, 1 on the last, of the nominal 6 + 2.
+    c, u, ts = text(0.0, a=1.0), text(0.0, a=3.0), time_grid(2)
+    z = samplers.z_sampling(Field(), X0, ts, c, u, 0.0, w_inv=-1.0, reflect_steps=1)
+    weak = lambda x, t, tokens, pooled, extra=None: 3 * x
+    w2sd = samplers.w2sd(Field(), weak, X0, ts, c, u, 0.0, w_weak=0.0, reflect_steps=1)
+    for s in (z, w2sd):
+        assert torch.allclose(s.x, 0.3125 * X0)
+        assert (s.passes, s.nominal, s.skipped) == (4, 8, 4)
+
 def test_z_sampling_with_equal_guidance_on_constant_field_equals_euler_cfg():
     # inverting with the same constant velocity undoes the denoising exactly, so each reflected
     # step lands where one Euler step would

@@ -81,7 +81,7 @@ def test_euler_cfg_image_equals_diffusers_pipeline(tiny_sd3, negative):
                     output_type="latent").images
     enc = TextEncoders.load(tiny_sd3)
     model, _ = load_transformer(tiny_sd3)
-    ts = time_grid(steps, 3.0, u_last=shift(SD3_T_MIN, 3.0))
+    ts = time_grid(steps, 3.0, tau_last=shift(SD3_T_MIN, 3.0))
     got = samplers.euler_cfg(model, latents, ts, enc(["a red cat on a table"]), enc([negative]), w).x
     assert expected.abs().mean() > 0.1
     assert_close_to_reference(got, expected, what="sampled latent")
@@ -128,7 +128,7 @@ def test_authors_student_loop_equals_our_teefusion_sampler(tiny_sd3, negative):
             x = sched.step(v, t, x).prev_sample
     enc = TextEncoders.load(tiny_sd3)
     model, _ = load_transformer(tiny_sd3)
-    ts = time_grid(steps, 3.0, u_last=shift(SD3_T_MIN, 3.0))
+    ts = time_grid(steps, 3.0, tau_last=shift(SD3_T_MIN, 3.0))
     got = samplers.student(Student(model), latents, ts, enc(["a red cat"]), enc([negative]), w)
     assert got.passes == steps
     assert x.abs().mean() > 0.1
@@ -221,7 +221,7 @@ def test_authors_bf16_student_equals_the_authors_bf16_loop(tmp_path):
         hook = student.model.register_forward_hook(lambda m, args, kwargs, out: seen.append((kwargs["z"], out)),
                                                    with_kwargs=True)
         with torch.autocast("cpu", dtype=bf16):
-            samplers.student(student, noise.float(), time_grid(steps, 3.0, u_last=shift(SD3_T_MIN, 3.0)), c, u, w)
+            samplers.student(student, noise.float(), time_grid(steps, 3.0, tau_last=shift(SD3_T_MIN, 3.0)), c, u, w)
         hook.remove()
         return student.w_rounding, seen
 

@@ -72,23 +72,23 @@ def shift(t, s):
 
 
 def unshift(t, s):
-    """The inverse of `shift`: u such that shift(u, s) = t."""
+    """The inverse of `shift`: the unwarped time tau such that shift(tau, s) = t."""
     return t / (s - (s - 1) * t)
 
 
-def time_grid(steps, s=1.0, u_last=None):
+def time_grid(steps, s=1.0, tau_last=None):
     """The decreasing sampling grid 1 = t_0 > t_1 > ... > t_N = 0, warped by `shift`.
 
-    The unwarped points are u_i = linspace(1, u_last, N) followed by 0; u_last defaults to 1/N,
+    The unwarped times are tau_i = linspace(1, tau_last, N) followed by 0; tau_last defaults to 1/N,
     which gives the uniform grid linspace(1, 0, N + 1). SD3's scheduler
-    (diffusers' FlowMatchEulerDiscreteScheduler) stops its linspace at u_last = shift(0.001, s)
+    (diffusers' FlowMatchEulerDiscreteScheduler) stops its linspace at tau_last = shift(0.001, s)
     instead: pass that to reproduce its sigmas exactly. Returns (N + 1,) float32.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    u_last = 1.0 / steps if u_last is None else u_last
-    u = torch.linspace(1.0, u_last, steps, dtype=torch.float64)
-    t = shift(u, s)
+    tau_last = 1.0 / steps if tau_last is None else tau_last
+    tau = torch.linspace(1.0, tau_last, steps, dtype=torch.float64)  # (N,) unwarped
+    t = shift(tau, s)
     return torch.cat([t, t.new_zeros(1)]).float()
 
 
@@ -97,8 +97,8 @@ def next_t(t, steps, s=1.0):
     shift(unshift(t) - 1/N), clamped at 0. At the points of time_grid(N, s) it returns the next
     point of that grid, so a training-time t drawn anywhere in (0, 1] gets the step size the
     student will take there (used for the reflection target, distill.teacher_target)."""
-    u = unshift(t, s) - 1.0 / steps
-    return shift(u.clamp(min=0.0), s)
+    tau = unshift(t, s) - 1.0 / steps  # the unwarped time one step below
+    return shift(tau.clamp(min=0.0), s)
 
 
 def euler_step(x, v, t, t_next):

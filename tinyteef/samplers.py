@@ -1,4 +1,4 @@
-"""The samplers of the paper, all through one loop (`sample_loop`), each counting its forward passes.
+"""The samplers of the paper, each a loop over the time grid ts that counts its forward passes.
 
 | sampler      | passes per step (nominal) | what a step does                                  |
 |--------------|---------------------------|---------------------------------------------------|
@@ -8,6 +8,10 @@
 | `student`    | 1                         | Euler on the student, z^ of Eq. 7 (or a baseline) |
 | `z_sampling` | 6 (2 on unreflected steps)| Eq. 3-4 reflection, one model, weaker inversion   |
 | `w2sd`       | 6 (2 on unreflected steps)| Eq. 3-4 reflection, weak model inverts            |
+
+Every loop runs i = 0 .. N-1 over ts (N + 1,), from t_0 = 1 (noise) down to t_N = 0 (flow.time_grid),
+with t = ts[i], t_next = ts[i + 1], and the paper's symbols: x' is `x_prime`, x~ is `x_tilde`.
+Z-Sampling and W2SD share one loop, `reflection_loop`.
 
 Passes are counted per image where they happen (a call on 2B rows for B images counts 2), so a pass
 that a guidance weight makes unnecessary (w = 0 or -1, see guidance.guided_velocity) shows as
@@ -66,18 +70,9 @@ class Counter:
         return self.rows / self.images
 
 
-def sample_loop(x, ts, step, progress=False):
-    """The one sampling loop: x <- step(x, t_i, t_{i+1}, i) for i = 0 .. N-1, from ts[0] = 1 down
-    to ts[N] = 0. ts: (N + 1,), e.g. flow.time_grid."""
-    for i in tqdm(range(len(ts) - 1), desc="sampling", disable=not progress, leave=False):
-        x = step(x, ts[i], ts[i + 1], i)
-    return x
-
-
-def euler_sampler(velocity):
-    """Plain Euler steps on a velocity function v(x, t, i) (the standard sampler that Sec. 3.2's
-    reflection samplers go beyond); i, the step's index, picks that step's guidance weight."""
-    return lambda x, t, t_next, i: euler_step(x, velocity(x, t, i), t, t_next)
+def steps(ts, progress=False):
+    """The step indices i = 0 .. N-1 of the grid ts (N + 1,), with a tqdm bar if `progress`."""
+    return tqdm(range(len(ts) - 1), desc="sampling", disable=not progress, leave=False)
 
 
 def reflected_point(x, t, t_next, v_strong, v_weak):
@@ -87,79 +82,92 @@ def reflected_point(x, t, t_next, v_strong, v_weak):
         x~  = x' + (t - t_next) v_weak(x', t_next)    invert (M_w^inv)
 
     Returns x~. The inversion evaluates the weak velocity at the less noisy point (x', t_next):
-    explicit Euler run upwards (flow.euler_invert), exact on constant fields only.
+    explicit Euler run upwards (flow.euler_invert), exact on constant fields only. v_strong and
+    v_weak are velocity functions v(y, s) (distill.teacher_target's).
     """
-    x1 = euler_step(x, v_strong(x, t), t, t_next)
-    return euler_invert(x1, v_weak(x1, t_next), t_next, t)
+    x_prime = euler_step(x, v_strong(x, t), t, t_next)
+    return euler_invert(x_prime, v_weak(x_prime, t_next), t_next, t)
 
 
 def reflect(x, t, t_next, v_strong, v_weak):
     """One step with reflection, Eq. 3-4: x~ from Eq. 3 (reflected_point), then denoise again,
-    x'' = x~ + (t_next - t) v_strong(x~, t) (Eq. 4). Returns (x~, x'')."""
+    x_next = x~ + (t_next - t) v_strong(x~, t) (Eq. 4). Returns (x~, x_next)."""
     x_tilde = reflected_point(x, t, t_next, v_strong, v_weak)
     return x_tilde, euler_step(x_tilde, v_strong(x_tilde, t), t, t_next)
 
 
-def reflection_sampler(v_strong, v_weak, reflect_steps):
-    """Reflect (Eq. 3-4) on the first `reflect_steps` steps, plain Euler on v_strong after.
-    v_strong and v_weak are v(x, t, i), i the step's index (for per-step guidance weights)."""
-    def step(x, t, t_next, i):
-        strong = lambda y, s: v_strong(y, s, i)
-        if i < reflect_steps:
-            return reflect(x, t, t_next, strong, lambda y, s: v_weak(y, s, i))[1]
-        return euler_step(x, strong(x, t), t, t_next)
-    return step
-
-
-def _run(nets, x, ts, step_of, nominal_per_step, progress):
-    """Count the passes of each distinct net, run the loop, and report."""
-    B, N = x.shape[0], len(ts) - 1
-    counters = {}
-    for n in nets:  # the same model used twice (Z-Sampling) is counted once
-        counters.setdefault(id(n), Counter(n, B))
-    x = sample_loop(x, ts, step_of(*(counters[id(n)] for n in nets)), progress)
-    return Samples(x, sum(c.passes for c in counters.values()), nominal_per_step, N)
-
-
 @torch.no_grad()
 def euler(model, x, ts, c: Text, progress=False):
-    """No guidance: v(x, c), one pass per step."""
-    return _run([model], x, ts, lambda net: euler_sampler(
-        lambda y, t, i: net(y, t, c.tokens, c.pooled)),
-        len(ts) - 1, progress)
+    """No guidance: Euler on v(x, c), one pass per step."""
+    N, net = len(ts) - 1, Counter(model, x.shape[0])
+    for i in steps(ts, progress):
+        t, t_next = ts[i], ts[i + 1]
+        v = net(x, t, c.tokens, c.pooled)  # v(x, t, c), (B, C, H, W)
+        x = euler_step(x, v, t, t_next)  # x + (t_next - t) v
+    return Samples(x, net.passes, N, N)
 
 
 @torch.no_grad()
 def euler_cfg(model, x, ts, c: Text, u: Text, w, progress=False):
     """Euler + CFG (Eq. 2): two passes per step, batched into one call; one where w_i = 0."""
-    ws = per_step(w, ts)
-    return _run([model], x, ts, lambda net: euler_sampler(
-        lambda y, t, i: guided_velocity(net, y, t, c, u, ws[i])), 2 * (len(ts) - 1), progress)
+    N, net, ws = len(ts) - 1, Counter(model, x.shape[0]), per_step(w, ts)
+    for i in steps(ts, progress):
+        t, t_next = ts[i], ts[i + 1]
+        v = guided_velocity(net, x, t, c, u, ws[i])  # Eq. 2: (1 + w) v(x, t, c) - w v(x, t, ∅), (B, C, H, W)
+        x = euler_step(x, v, t, t_next)  # x + (t_next - t) v
+    return Samples(x, net.passes, 2 * N, N)
 
 
 @torch.no_grad()
 def naive(model, x, ts, c: Text, u: Text, w, progress=False):
-    """Naive fusion (Eq. 5): one pass of the undistilled model on c^ = c + w (c - ∅), fused once
-    for a constant w, once per step for a schedule."""
-    fused = per_step(w, ts, lambda v: naive_fusion(c, u, v))
-    return _run([model], x, ts, lambda net: euler_sampler(
-        lambda y, t, i: net(y, t, fused[i].tokens, fused[i].pooled)), len(ts) - 1, progress)
+    """Naive fusion (Eq. 5): one pass of the undistilled model on c^ = c + w (c - ∅), fused on every
+    step with that step's w."""
+    N, net, ws = len(ts) - 1, Counter(model, x.shape[0]), per_step(w, ts)
+    for i in steps(ts, progress):
+        t, t_next = ts[i], ts[i + 1]
+        c_hat = naive_fusion(c, u, ws[i])  # Eq. 5: c^ = c + w (c - ∅), tokens (B, L, D) and pooled (B, P)
+        v = net(x, t, c_hat.tokens, c_hat.pooled)  # v(x, t, c^), (B, C, H, W)
+        x = euler_step(x, v, t, t_next)  # x + (t_next - t) v
+    return Samples(x, net.passes, N, N)
 
 
 @torch.no_grad()
 def student(s: Student, x, ts, c: Text, u: Text, w, progress=False):
     """A distilled student (guidance.Student): plain Euler on v_S(x, z^), one pass per step, z^ of
-    Eq. 7 (or a baseline's term) carrying w.
-    Each step calls the student itself (Student.forward, the route training takes). Every step's w
-    must lie in the student's trained range."""
+    Eq. 7 (or a baseline's term) carrying that step's w. Every step's w must lie in the student's
+    trained range: all are checked before the first pass."""
     ws = per_step(w, ts)
-    for v in ws:
-        s.check_w(v)
-    return _run([s], x, ts, lambda net: euler_sampler(lambda y, t, i: net(y, t, c, u, ws[i])), len(ts) - 1, progress)
+    for w_i in ws:
+        s.check_w(w_i)
+    N, net = len(ts) - 1, Counter(s, x.shape[0])
+    for i in steps(ts, progress):
+        t, t_next = ts[i], ts[i + 1]
+        v = net(x, t, c, u, ws[i])  # v_S(x, t, z^), z^ = G(psi(t)) + F(c) + G(psi(w)) ⊙ F(c - ∅) (Eq. 7)
+        x = euler_step(x, v, t, t_next)  # x + (t_next - t) v
+    return Samples(x, net.passes, N, N)
 
 
-def _reflection_nominal(ts, reflect_steps):
-    N = len(ts) - 1
+def reflection_loop(strong, weak, x, ts, c: Text, u: Text, ws, ws_weak, reflect_steps, progress=False):
+    """Eq. 3-4 on the first `reflect_steps` steps, Euler + CFG (Eq. 2) on the others: the loop of
+    Z-Sampling (one counted net passed as both) and W2SD. v_strong is CFG at ws[i] with `strong`,
+    v_weak CFG at ws_weak[i] with `weak`. Returns x at t = 0, (B, C, H, W)."""
+    for i in steps(ts, progress):
+        t, t_next = ts[i], ts[i + 1]
+        v = guided_velocity(strong, x, t, c, u, ws[i])  # v_strong(x, t), (B, C, H, W)
+        x_prime = euler_step(x, v, t, t_next)  # Eq. 3: x' = x + (t_next - t) v_strong(x, t)
+        if i < reflect_steps:
+            v_weak = guided_velocity(weak, x_prime, t_next, c, u, ws_weak[i])  # v_weak(x', t_next)
+            x_tilde = euler_invert(x_prime, v_weak, t_next, t)  # Eq. 3: x~ = x' + (t - t_next) v_weak(x', t_next)
+            v_tilde = guided_velocity(strong, x_tilde, t, c, u, ws[i])  # v_strong(x~, t)
+            x = euler_step(x_tilde, v_tilde, t, t_next)  # Eq. 4: x_next = x~ + (t_next - t) v_strong(x~, t)
+        else:
+            x = x_prime  # an unreflected step: x' is Euler + CFG's x_next
+    return x
+
+
+def reflection_nominal(N, reflect_steps):
+    """Nominal passes per image of N steps, the first `reflect_steps` reflected: 6 on a reflected
+    step (CFG three times), 2 on the others."""
     r = min(reflect_steps, N)
     return 6 * r + 2 * (N - r)
 
@@ -171,12 +179,11 @@ def z_sampling(model, x, ts, c: Text, u: Text, w, w_inv=-1.0, reflect_steps=None
     choice): the inversion uses the unconditional prediction alone, so one of the 6 nominal passes
     of a reflected step is skipped. Reflects on the first `reflect_steps` steps (default: all but
     the last)."""
-    reflect_steps = len(ts) - 2 if reflect_steps is None else reflect_steps
-    ws, ws_inv = per_step(w, ts), per_step(w_inv, ts)
-    return _run([model, model], x, ts, lambda s, inv: reflection_sampler(
-        lambda y, t, i: guided_velocity(s, y, t, c, u, ws[i]),
-        lambda y, t, i: guided_velocity(inv, y, t, c, u, ws_inv[i]), reflect_steps),
-        _reflection_nominal(ts, reflect_steps), progress)
+    N = len(ts) - 1
+    reflect_steps = N - 1 if reflect_steps is None else reflect_steps
+    net = Counter(model, x.shape[0])  # denoises and inverts: one counter, passed as both
+    x = reflection_loop(net, net, x, ts, c, u, per_step(w, ts), per_step(w_inv, ts), reflect_steps, progress)
+    return Samples(x, net.passes, reflection_nominal(N, reflect_steps), N)
 
 
 @torch.no_grad()
@@ -188,10 +195,10 @@ def w2sd(strong, weak, x, ts, c: Text, u: Text, w, w_weak=None, reflect_steps=No
     reference code's weak guidance) uses the weak model's conditional prediction alone, one pass
     fewer, and is about CFG at 2w. Reflects on the first `reflect_steps` steps (default: all but
     the last)."""
-    reflect_steps = len(ts) - 2 if reflect_steps is None else reflect_steps
+    N = len(ts) - 1
+    reflect_steps = N - 1 if reflect_steps is None else reflect_steps
     ws = per_step(w, ts)
     ws_weak = ws if w_weak is None else per_step(w_weak, ts)
-    return _run([strong, weak], x, ts, lambda s, k: reflection_sampler(
-        lambda y, t, i: guided_velocity(s, y, t, c, u, ws[i]),
-        lambda y, t, i: guided_velocity(k, y, t, c, u, ws_weak[i]), reflect_steps),
-        _reflection_nominal(ts, reflect_steps), progress)
+    net_strong, net_weak = Counter(strong, x.shape[0]), Counter(weak, x.shape[0])
+    x = reflection_loop(net_strong, net_weak, x, ts, c, u, ws, ws_weak, reflect_steps, progress)
+    return Samples(x, net_strong.passes + net_weak.passes, reflection_nominal(N, reflect_steps), N)

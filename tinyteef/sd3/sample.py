@@ -114,7 +114,7 @@ def main(argv=None):
     g = torch.Generator(device).manual_seed(args.seed)
     config = (model.model if args.sampler == "teefusion" else model).config
     x = torch.randn(1, config.in_channels, args.height // 8, args.width // 8, generator=g, device=device)
-    ts = time_grid(args.steps, args.shift, u_last=shift(SD3_T_MIN, args.shift)).to(device)
+    ts = time_grid(args.steps, args.shift, tau_last=shift(SD3_T_MIN, args.shift)).to(device)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         s = run(model, x, ts, c, u, args, weak)
     del model, weak
