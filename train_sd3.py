@@ -28,7 +28,6 @@ import inspect
 import json
 import math
 import os
-import shutil
 import time
 from contextlib import nullcontext
 
@@ -46,7 +45,7 @@ from tinyteef.flow import T_DISTS, shift, time_grid
 from tinyteef.guidance import STUDENT_KINDS, TEEFUSION_DIVISOR, DistillCFG, Student
 from tinyteef.mmdit import MMDiT, MMDiTConfig
 from tinyteef.sd3 import cache
-from tinyteef.sd3.loader import STUDENT_RECORD, link_components, load_transformer, load_vae, save_transformer
+from tinyteef.sd3.loader import load_transformer, load_vae, save_student
 from tinyteef.sd3.sample import SD3_T_MIN
 from tinyteef.sd3.tiny import randomize, write_tiny_sd3
 
@@ -79,19 +78,20 @@ def parse_args(argv=None):
     m.add_argument("--teefusion-divisor", type=float, default=TEEFUSION_DIVISOR,
                    help="divisor of the Eq. 7 term, and of the G(psi(w)) ablation's (the authors' code: 256; "
                         "the paper: 1)")
-    m.add_argument("--w-min", type=float, default=2.0)
-    m.add_argument("--w-max", type=float, default=14.0, help="w ~ U[w-min, w-max] (paper: [2, 14])")
-    m.add_argument("--w-inv", type=float, default=-1.0, help="Z-Sampling's inversion guidance")
-    m.add_argument("--w-weak", type=float, default=None,
+    D = DistillConfig  # the defaults of Alg. 1's settings live there, once
+    m.add_argument("--w-min", type=float, default=D.w_min)
+    m.add_argument("--w-max", type=float, default=D.w_max, help="w ~ U[w-min, w-max] (paper: [2, 14])")
+    m.add_argument("--w-inv", type=float, default=D.w_inv, help="Z-Sampling's inversion guidance")
+    m.add_argument("--w-weak", type=float, default=D.w_weak,
                    help="W2SD's weak-model guidance (default: the strong w, CFG on all three passes, to first "
                         "order CFG at w plus the strong-minus-weak difference; 0, the W2SD reference code's, "
                         "is about CFG at 2w)")
-    m.add_argument("--sample-steps", type=int, default=28, help="the grid the student will sample with")
-    m.add_argument("--shift", type=float, default=3.0, help="... and its time shift (SD3 at 1024 px: 3)")
-    m.add_argument("--reflection-target", default="reach", choices=REFLECTION_TARGETS,
+    m.add_argument("--sample-steps", type=int, default=D.sample_steps, help="the grid the student will sample with")
+    m.add_argument("--shift", type=float, default=D.shift, help="... and its time shift (SD3 at 1024 px: 3)")
+    m.add_argument("--reflection-target", default=D.reflection_target, choices=REFLECTION_TARGETS,
                    help="reach: the velocity that reaches the teacher's reflected step in one Euler step; "
                         "refined: the teacher's CFG velocity at the reflected point x~")
-    m.add_argument("--t-dist", default="uniform", choices=T_DISTS,
+    m.add_argument("--t-dist", default=D.t_dist, choices=T_DISTS,
                    help="p(t) of Alg. 1: uniform (the paper's t ~ U[0, 1]) or logit-normal (SD3's pre-training)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--steps", type=int, default=10000, help="optimizer steps (paper: loss flat after 10k)")
@@ -144,6 +144,7 @@ def parse_args(argv=None):
 
 
 def log0(rank, *msg):
+    """print, from the first process only."""
     if rank == 0:
         print(*msg, flush=True)
 
@@ -194,26 +195,6 @@ def global_rows(seed, step, batch_size, n):
     return [perms[p // n][p % n].item() for p in positions]
 
 
-def save_student(args, student, model_dir, step, cfg):
-    """OUT/student: the student as an SD3 folder in the diffusers layout (transformer/ written, the
-    other components linked to the teacher's folder), swapped in whole. Its config.json records how
-    it was distilled: the kind, divisor and w range the sampler needs, Alg. 1's settings, and the
-    guidance it learned to first order (distill.effective_guidance)."""
-    final, tmp = os.path.join(args.out, "student"), os.path.join(args.out, ".student-new")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_transformer(tmp, student.model, student.H, {STUDENT_RECORD: {
-        "student_kind": student.kind, "teefusion_divisor": student.divisor, "w_range": list(student.w_range),
-        "w_rounding": student.w_rounding, "distill": dataclasses.asdict(cfg),
-        "effective_guidance": effective_guidance(cfg), "step": step}})
-    if model_dir is not None:
-        link_components(tmp, model_dir)
-    old = os.path.join(args.out, ".student-old")
-    if os.path.isdir(final):
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 @torch.no_grad()
 def preview(args, student, teacher, weak, vae, data, device, step):
     """OUT/previews/step_N.png: the teacher sampler (top row) and the student (bottom row) at
@@ -255,12 +236,15 @@ def micro_batches(net, rows, step, args, world, rank, device):
 
 
 def barrier(world):
+    """Wait for every process (a no-op for one): after rank 0 wrote what the others will read."""
     if world > 1:
         dist.barrier()
 
 
 def main(argv=None):
     args = parse_args(argv)
+    # Processes: one, or one per GPU under torchrun (which sets WORLD_SIZE, RANK and LOCAL_RANK);
+    # NCCL between GPUs, gloo on the CPU (the tests run two CPU processes)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     device = torch.device(args.device)
     if world > 1:
@@ -271,6 +255,7 @@ def main(argv=None):
     if (args.batch_size // args.micro_batch) % world:
         raise SystemExit(f"error: --batch-size {args.batch_size} / --micro-batch {args.micro_batch} micro-batches "
                          f"cannot be split over {world} processes; make it a multiple of {world}")
+    # The run's folder: its config.json defines the run, so a --resume that changes it is refused
     out, ckpt_path = args.out, os.path.join(args.out, "checkpoint.pt")
     run = run_config(args, out)
     if os.path.isfile(ckpt_path) and not args.resume:
@@ -281,6 +266,7 @@ def main(argv=None):
         text = json.dumps(run, indent=1).encode()
         checkpoint.atomic_write(os.path.join(out, "config.json"), lambda f: f.write(text))
 
+    # The teacher's folder: --model, or a tiny random SD3 folder (all components) written into OUT
     model_dir = args.model
     if args.random_init == "tiny":
         model_dir = os.path.join(out, "random-init", "teacher")
@@ -289,7 +275,9 @@ def main(argv=None):
             write_tiny_sd3(os.path.join(out, "random-init", "weak"), seed=args.seed + 1)
         barrier(world)
         args.weak_model = args.weak_model or os.path.join(out, "random-init", "weak")
-    if args.data is not None:  # stage 1 before the models are loaded: encoders and models never share the GPU
+    # Stage 1, before the models load, so that encoders and models never share the GPU: every image
+    # through the VAE and every caption through the three text encoders, once, into OUT/cache
+    if args.data is not None:
         try:  # each process encodes its share; the encoders are freed before the models load
             data = cache.build(os.path.join(out, "cache"), model_dir, args.data, args.resolution, args.t5_length,
                                args.cache_batch, device, rank, world)
@@ -297,21 +285,24 @@ def main(argv=None):
             raise SystemExit(f"error: {e}")
         log0(rank, f"data: {len(data)} images cached in {os.path.join(out, 'cache')}"
                    + (f", {len(data.skipped)} skipped (could not be decoded)" if data.skipped else ""))
+    # Alg. 1 line 1: the student starts as a copy of the teacher; teacher and weak model are frozen
     teacher, weak, student = load_models(args, model_dir, device)
-    if args.data is None:
+    if args.data is None:  # --random-init without --data: random latents and text, for speed and memory
         c_ = teacher.config
         data = cache.SyntheticData(args.synthetic_size, c_.in_channels, args.resolution, c_.pooled_projection_dim,
                                    c_.joint_attention_dim, 77 + args.t5_length, args.seed)
-    vae = load_vae(model_dir, device).eval() if rank == 0 and args.data is not None else None
+    vae = load_vae(model_dir, device).eval() if rank == 0 and args.data is not None else None  # previews only
 
-    cfg = DistillConfig(teacher=args.teacher, w_min=args.w_min, w_max=args.w_max, w_inv=args.w_inv,
-                        w_weak=args.w_weak, sample_steps=args.sample_steps, shift=args.shift,
-                        reflection_target=args.reflection_target, t_dist=args.t_dist)
-    log0(rank, f"teacher: {args.teacher}, to first order in the step {effective_guidance(cfg)} "
+    # Alg. 1's settings: every field of DistillConfig that a flag sets (t_mean, t_std keep theirs)
+    config = DistillConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DistillConfig)
+                              if hasattr(args, f.name)})
+    log0(rank, f"teacher: {args.teacher}, to first order in the step {effective_guidance(config)} "
                f"(w ~ U[{args.w_min:g}, {args.w_max:g}], t ~ {args.t_dist})")
+    # AdamW at the paper's lr (5e-6), constant; no weight decay and no clipping: the paper names none
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
     start = 0
-    if args.resume:
+    if args.resume:  # the step index is the whole random state (micro_batches), so weights,
+        # optimizer state and the step are all a resume needs to continue bit for bit
         state = checkpoint.load(ckpt_path, map_location=device)
         student.load_state_dict(state["student"])
         opt.load_state_dict(state["optimizer"])
@@ -334,15 +325,16 @@ def main(argv=None):
     flops_row = teacher.flops_per_forward(1, h, h, 77 + args.t5_length)
     A = args.batch_size // args.micro_batch  # micro-batches per step, all processes
     accum = A // world  # ... of this process: each backward carries 1 / accum of the step's gradient
-    check_w_range(student, cfg)
+    check_w_range(student, config)
     empty = data.empty(device)  # ∅, the encoding of "" (1 row)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     log_file = open(os.path.join(out, "log.jsonl"), "a") if rank == 0 else None
     bar = tqdm(range(start, args.steps), desc="stage 2: distilling", initial=start, total=args.steps,
                disable=rank != 0)
+    # Stage 2: Alg. 1, one optimizer step per batch of --batch-size samples (the paper's 128)
     for step in bar:
         t0 = time.perf_counter()
-        rows = global_rows(args.seed, step, args.batch_size, len(data))
+        rows = global_rows(args.seed, step, args.batch_size, len(data))  # the step's samples, all processes
         total = torch.zeros((), device=device)
         # Alg. 1's loop body, micro-batch by micro-batch, gradients accumulating over the batch
         for rows_m, g, sync in micro_batches(net, rows, step, args, world, rank, device):
@@ -350,22 +342,26 @@ def main(argv=None):
             u = empty.expand(len(rows_m))  # ∅ for every sample
             with sync, autocast:
                 # lines 4-7: t ~ U[0, 1], w ~ U[w_min, w_max], eps ~ N(0, I); x_t = (1 - t) x0 + t eps
-                x_t, t, w = sample_training_point(x0, cfg, g)
+                x_t, t, w = sample_training_point(x0, config, g)
                 # lines 8-11: the frozen teacher sampler's velocity (Eq. 2; with Eq. 3-4 for reflection)
-                target = teacher_target(teacher_n, x_t, t, w, c, u, cfg, weak_n)
+                target = teacher_target(teacher_n, x_t, t, w, c, u, config, weak_n)
                 # lines 12-13: the student's one pass with z^ (Eq. 7), || v_S(x_t, z^) - target ||^2
                 loss = student_loss(net, x_t, t, w, c, u, target)
                 (loss * (1 / accum)).backward()  # the step's gradient is the mean over its micro-batches
             total += loss.item()
-        if world > 1:
+        if world > 1:  # the logged loss is the mean over the whole batch, all processes
             dist.all_reduce(total)
         loss = total.item() / A
+        # the gradient's norm is logged, not clipped (max_norm inf); a non-finite loss or gradient
+        # stops the run before the update, so the last checkpoint stays good
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), math.inf).item()
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             raise SystemExit(f"error: non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}; "
                              f"stopped before the update, the last good checkpoint in {out} is kept")
         opt.step()  # line 14: the AdamW update
         opt.zero_grad(set_to_none=world == 1)
+        # timing and logging: the teacher's and weak model's passes were counted and timed (Meter),
+        # so the step's time splits into teacher and student, and model FLOPs give the MFU
         dt = time.perf_counter() - t0
         (rows_t, s_t), (rows_w, s_w) = teacher_n.take(), weak_n.take() if weak_n else (0, 0.0)
         student_s = dt - s_t - s_w  # the student's forward and backward, and the update
@@ -381,10 +377,17 @@ def main(argv=None):
             log_file.write(json.dumps(rec) + "\n")
             log_file.flush()
             done = step + 1
+            # checkpoint (atomic: a run killed while saving keeps the previous one) and the student
             if args.save_every and (done % args.save_every == 0 or done == args.steps):
                 checkpoint.save({"student": student.state_dict(), "optimizer": opt.state_dict(), "step": done,
                                  "config": run}, ckpt_path)
-                save_student(args, student, model_dir, done, cfg)
+                # OUT/student: a diffusers-layout SD3 folder, with a record of how it was distilled
+                save_student(os.path.join(out, "student"), student, model_dir, {
+                    "student_kind": student.kind, "teefusion_divisor": student.divisor,
+                    "w_range": list(student.w_range), "w_rounding": student.w_rounding,
+                    "distill": dataclasses.asdict(config), "effective_guidance": effective_guidance(config),
+                    "step": done})
+            # previews: teacher sampler above, student below, same captions and noise
             if vae is not None and args.preview_every and done % args.preview_every == 0:
                 with autocast:
                     preview(args, student, teacher, weak, vae, data, device, done)

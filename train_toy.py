@@ -105,6 +105,8 @@ def random_rows(g, n, size):
 
 
 def stage_evaluator(data, P, device, out, seed):
+    """Stage 1: a classifier of the real images (OUT/evaluator.pt), whose predictions give prompt
+    accuracy and whose features give the Fréchet distance. Returns (model, its record)."""
     def compute():
         model, acc = train_evaluator(data, steps=P.eval_steps, device=device, seed=seed)
         return {"state": model.state_dict(), "accuracy": acc["accuracy"],
@@ -128,6 +130,9 @@ def teacher_loss(model, text, x0, ids, g):
 
 
 def stage_teacher(data, P, device, out, seed):
+    """Stage 2: the teacher, an MMDiT trained by flow matching with its tiny text encoder, with EMA;
+    the EMA at 60% of the steps is kept as W2SD's weak model. Resumable (OUT/teacher.partial.pt).
+    Returns (EMA teacher, weak model, text encoder, tokenizer, loss curve)."""
     path, partial = os.path.join(out, "teacher.pt"), os.path.join(out, "teacher.partial.pt")
     torch.manual_seed(seed)  # the same initial weights whichever stages ran before in this process
     tokenizer = Tokenizer(data.vocabulary(), P.text_len)
@@ -158,8 +163,8 @@ def stage_teacher(data, P, device, out, seed):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            ema_update(ema, model, min(P.ema, (1 + step) / (10 + step)))
-            if step + 1 == snapshot:
+            ema_update(ema, model, min(P.ema, (1 + step) / (10 + step)))  # decay warms up to P.ema
+            if step + 1 == snapshot:  # the weak model: the same network, less trained
                 weak.load_state_dict(ema.state_dict())
             if step % 10 == 0:
                 state["losses"].append((step, loss.item()))
@@ -198,9 +203,9 @@ def stage_students(data, P, device, out, seed, teacher, weak, text, bank, kind):
     path, partial = os.path.join(out, f"students_{kind}.pt"), os.path.join(out, f"students_{kind}.partial.pt")
     opts = [torch.optim.AdamW(s.parameters(), lr=P.distill_lr, weight_decay=0.0) for s in students]
     if not os.path.exists(path):
-        cfg = distill_config(P, kind)
+        config = distill_config(P, kind)
         for s in students:
-            check_w_range(s, cfg)
+            check_w_range(s, config)
         g = torch.Generator(device).manual_seed(seed + 2)  # every draw of this stage: data, t, w, noise
         state = {"step": 0, "losses": []}
         if os.path.exists(partial):  # resume: weights, optimizers, the generator and the curve
@@ -221,9 +226,9 @@ def stage_students(data, P, device, out, seed, teacher, weak, text, bank, kind):
                 c = text(bank.sample(y_all[rows], g))
             with autocast(device):
                 # lines 4-7: t ~ p(t), w ~ U[w_min, w_max], eps ~ N(0, I); x_t = (1 - t) x0 + t eps
-                x_t, t, w = sample_training_point(toydata.to_float(x_all[rows]), cfg, g)
+                x_t, t, w = sample_training_point(toydata.to_float(x_all[rows]), config, g)
                 # lines 8-11: the teacher sampler's velocity at (x_t, t, w), once for all its students
-                target = teacher_target(teacher, x_t, t, w, c, u, cfg, weak)
+                target = teacher_target(teacher, x_t, t, w, c, u, config, weak)
                 losses = []
                 for s in students:
                     # lines 12-13: the student's one pass with z^ (Eq. 7 or a baseline's), MSE

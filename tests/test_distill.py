@@ -29,16 +29,16 @@ def test_reflection_targets_on_constant_fields():
     # constant strong velocity k and inversion velocity m, step Δ:
     # x'' = x - Δk + Δm - Δk, so the velocity reaching x'' in one step is (x'' - x) / (-Δ) = 2k - m.
     # Z-Sampling inverts at w_inv = -1: m = v_u = 3; k = 1 - 2w
-    cfg = DistillConfig(teacher="zsampling", sample_steps=4, shift=3.0)
-    target = teacher_target(Field(), X, T, W, text(1.0), text(3.0), cfg)
+    config = DistillConfig(teacher="zsampling", sample_steps=4, shift=3.0)
+    target = teacher_target(Field(), X, T, W, text(1.0), text(3.0), config)
     assert torch.allclose(target[:, 0, 0, 0], 2 * (1 - 2 * W) - 3)
     # inverting with the strong guidance itself cancels: the target is plain Eq. 2
-    cfg = DistillConfig(teacher="zsampling", w_inv=2.0, sample_steps=4, shift=3.0)
-    target = teacher_target(Field(), X, T, torch.tensor([2.0, 2.0]), text(1.0), text(3.0), cfg)
+    config = DistillConfig(teacher="zsampling", w_inv=2.0, sample_steps=4, shift=3.0)
+    target = teacher_target(Field(), X, T, torch.tensor([2.0, 2.0]), text(1.0), text(3.0), config)
     assert target.eq(-3).all()
     # "refined": the strong velocity at x~, which on a constant field is k
-    cfg = DistillConfig(teacher="zsampling", reflection_target="refined", sample_steps=4, shift=3.0)
-    assert torch.allclose(teacher_target(Field(), X, T, W, text(1.0), text(3.0), cfg)[:, 0, 0, 0], 1 - 2 * W)
+    config = DistillConfig(teacher="zsampling", reflection_target="refined", sample_steps=4, shift=3.0)
+    assert torch.allclose(teacher_target(Field(), X, T, W, text(1.0), text(3.0), config)[:, 0, 0, 0], 1 - 2 * W)
 
 
 @pytest.mark.parametrize("target", ["reach", "refined"])
@@ -46,8 +46,8 @@ def test_reflection_targets_cost_five_passes(target):
     # Z-Sampling with w_inv = -1 (one pass): CFG at x_t (2 passes), the inversion (1), CFG at x~
     # (2): for reach that is the second denoising, for refined the target itself. 5 per sample.
     counter = Counter(Field(), len(X))
-    cfg = DistillConfig(teacher="zsampling", reflection_target=target, sample_steps=4, shift=3.0)
-    teacher_target(counter, X, T, W, text(1.0), text(3.0), cfg)
+    config = DistillConfig(teacher="zsampling", reflection_target=target, sample_steps=4, shift=3.0)
+    teacher_target(counter, X, T, W, text(1.0), text(3.0), config)
     assert counter.passes == 5
 
 
@@ -58,11 +58,11 @@ def test_w2sd_reach_target_on_linear_fields_by_hand():
     # target = (x'' - x) / (-Δ) = 0.625 x
     c, u = text(0.0, a=1.0), text(0.0, a=1.0)
     strong, weak = Field(), lambda x, t, tok, pooled: 2.0 * x
-    cfg = DistillConfig(teacher="w2sd", w_weak=0.0, sample_steps=4, shift=3.0)
-    target = teacher_target(strong, X, T, 0, c, u, cfg, weak=weak)
+    config = DistillConfig(teacher="w2sd", w_weak=0.0, sample_steps=4, shift=3.0)
+    target = teacher_target(strong, X, T, 0, c, u, config, weak=weak)
     assert torch.allclose(target, 0.625 * X)
     with pytest.raises(ValueError, match="needs a weak model"):
-        teacher_target(strong, X, T, 0, c, u, cfg)
+        teacher_target(strong, X, T, 0, c, u, config)
 
 
 class Smooth:
@@ -88,13 +88,13 @@ def test_reflection_target_is_its_effective_cfg_to_first_order(case):
     x = torch.linspace(-1.5, 1.5, 2 * 9, dtype=torch.float64).reshape(2, 1, 3, 3)
     t, w = torch.tensor([0.6, 0.6], dtype=torch.float64), torch.tensor([2.0, 5.0])
     g = lambda net, a: guided_velocity(net, x, t, c, u, a)
-    cfg, expected = {
+    config, expected = {
         "zsampling": (dict(teacher="zsampling", w_inv=-1.0), g(strong, 2 * w + 1)),
         "w2sd_weak_at_w": (dict(teacher="w2sd", w_weak=None), g(strong, w) + g(strong, w) - g(weak, w)),
         "w2sd_weak_at_0": (dict(teacher="w2sd", w_weak=0.0), g(strong, 2 * w) + g(strong, 0) - g(weak, 0)),
         "refined": (dict(teacher="w2sd", reflection_target="refined"), g(strong, w)),
     }[case]
-    gaps = [(teacher_target(strong, x, t, w, c, u, DistillConfig(sample_steps=n, shift=1.0, **cfg), weak=weak)
+    gaps = [(teacher_target(strong, x, t, w, c, u, DistillConfig(sample_steps=n, shift=1.0, **config), weak=weak)
              - expected).square().mean().sqrt().item() for n in (20, 40, 80, 160)]  # RMS gap, Δ = 1/n
     assert gaps[0] > 1e-3, gaps  # the field is nonlinear enough for Δ to matter
     for a, b in zip(gaps, gaps[1:]):
@@ -112,9 +112,9 @@ def test_effective_guidance_names_each_target():
 
 
 def test_training_point_ranges():
-    cfg = DistillConfig(w_min=2.0, w_max=14.0)
+    config = DistillConfig(w_min=2.0, w_max=14.0)
     x0 = torch.zeros(10_000, 1, 1, 1)
-    x_t, t, w = sample_training_point(x0, cfg, torch.Generator().manual_seed(0))
+    x_t, t, w = sample_training_point(x0, config, torch.Generator().manual_seed(0))
     assert 0 < t.min() and t.max() < 1 and 2 <= w.min() and w.max() <= 14
     assert abs(w.mean().item() - 8.0) < 0.15  # U[2, 14] has mean 8, std 3.46 / sqrt(1e4) = 0.035
     # from x0 = 0, x_t = t eps: x_t / t is standard normal
@@ -131,11 +131,11 @@ def test_bad_config_values():
         Student(torch.nn.Linear(1, 1), kind="cfg")
 
 
-def distill(students, teacher, x0, c, u, cfg, weak=None, generator=None):
+def distill(students, teacher, x0, c, u, config, weak=None, generator=None):
     """Alg. 1's loop body (lines 3-13) as the scripts write it: one teacher target, each student's
     loss and backward. Returns the losses."""
-    x_t, t, w = sample_training_point(x0, cfg, generator)
-    target = teacher_target(teacher, x_t, t, w, c, u.expand(x0.shape[0]), cfg, weak)
+    x_t, t, w = sample_training_point(x0, config, generator)
+    target = teacher_target(teacher, x_t, t, w, c, u.expand(x0.shape[0]), config, weak)
     losses = [student_loss(s, x_t, t, w, c, u.expand(x0.shape[0]), target) for s in students]
     for loss in losses:
         loss.backward()
@@ -205,10 +205,10 @@ def test_teefusion_student_learns_cfg_at_held_out_w():
     student = copy.deepcopy(teacher).requires_grad_(True)
     before = error(student)
     opt = torch.optim.Adam(student.parameters(), lr=3e-3)
-    cfg = DistillConfig(teacher="cfg")
+    config = DistillConfig(teacher="cfg")
     for _ in range(600):
         x0, k = data(32, g)
-        distill([Student(student)], teacher, x0, Text(prompts.tokens[k], prompts.pooled[k]), empty, cfg,
+        distill([Student(student)], teacher, x0, Text(prompts.tokens[k], prompts.pooled[k]), empty, config,
                 generator=g)
         opt.step()
         opt.zero_grad()

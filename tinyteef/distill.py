@@ -80,59 +80,59 @@ class DistillConfig:
             raise ValueError(f"need w_min <= w_max, got {self.w_min} > {self.w_max}")
 
 
-def effective_guidance(cfg: DistillConfig, w=None):
+def effective_guidance(config: DistillConfig, w=None):
     """What the teacher sampler (and a student distilled from it) amounts to at guidance w, to first
     order in the step (the expansion in this module's docstring), as text for reports and records:
     "CFG at w = 5", "CFG at 2w + 1 = 11", "CFG at w = 5 + (strong - weak)"; without w the formula
     alone ("CFG at 2w + 1")."""
-    a = cfg.w_inv if cfg.teacher == "zsampling" else cfg.w_weak  # the inversion's guidance
-    if cfg.teacher == "cfg" or cfg.reflection_target == "refined" or a is None:  # None: W2SD at the strong w
+    a = config.w_inv if config.teacher == "zsampling" else config.w_weak  # the inversion's guidance
+    if config.teacher == "cfg" or config.reflection_target == "refined" or a is None:  # None: W2SD at the strong w
         form, value = "w", w
     else:  # 2 v_s - v_inv = CFG at 2w - a (+ the bracket)
         form = "2w" if a == 0 else f"2w {'+' if a < 0 else '-'} {abs(a):g}"
         value = None if w is None else 2 * w - a
     text = f"CFG at {form}" + ("" if value is None else f" = {value:g}")
-    bracket = cfg.teacher == "w2sd" and cfg.reflection_target == "reach"  # strong and inverter differ
+    bracket = config.teacher == "w2sd" and config.reflection_target == "reach"  # strong and inverter differ
     return text + (" + (strong - weak)" if bracket else "")
 
 
-def sample_training_point(x0, cfg: DistillConfig, generator=None):
-    """Alg. 1 lines 4-7: t ~ p(t) (cfg.t_dist), w ~ U[w_min, w_max], eps ~ N(0, I), x_t on the path.
+def sample_training_point(x0, config: DistillConfig, generator=None):
+    """Alg. 1 lines 4-7: t ~ p(t) (config.t_dist), w ~ U[w_min, w_max], eps ~ N(0, I), x_t on the path.
     x0 (B, C, H, W) -> x_t like x0, t (B,), w (B,)."""
     B, dev = x0.shape[0], x0.device
-    t = sample_t(B, cfg.t_dist, cfg.t_mean, cfg.t_std, generator, dev)
-    w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(B, generator=generator, device=dev)
+    t = sample_t(B, config.t_dist, config.t_mean, config.t_std, generator, dev)
+    w = config.w_min + (config.w_max - config.w_min) * torch.rand(B, generator=generator, device=dev)
     eps = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
     return interpolate(x0, eps, t), t, w
 
 
 @torch.no_grad()
-def teacher_target(teacher, x_t, t, w, c: Text, u: Text, cfg: DistillConfig, weak=None):
+def teacher_target(teacher, x_t, t, w, c: Text, u: Text, config: DistillConfig, weak=None):
     """Alg. 1 lines 8-11: what the student's one pass must predict at (x_t, t, w).
 
     cfg:       Eq. 2, (1 + w) v_T(x_t, c) - w v_T(x_t, ∅).
-    zsampling: reflection (Eq. 3-4) with the teacher inverting at cfg.w_inv.
-    w2sd:      reflection with `weak` inverting at cfg.w_weak (None: at w).
+    zsampling: reflection (Eq. 3-4) with the teacher inverting at config.w_inv.
+    w2sd:      reflection with `weak` inverting at config.w_weak (None: at w).
 
     The paper gives no formula for the reflection target and the authors released no training
     code. Default ("reach"): one reflection step takes x_t to the teacher's x_{t-Δ};
     the student takes plain Euler steps of the same size Δ, so its target is the velocity that
     reaches that point in one Euler step, (x_{t-Δ} - x_t) / (-Δ). Δ is the step of the student's
-    sampling grid at t (flow.next_t with cfg.sample_steps, cfg.shift). Alternative ("refined"):
+    sampling grid at t (flow.next_t with config.sample_steps, config.shift). Alternative ("refined"):
     the strong teacher's CFG velocity at the reflected point x~, v_T^w(x~, t). To first order in
     Δ, "reach" is CFG at 2w - w_inv (plus, for W2SD, the strong-minus-weak difference) and "refined"
     is CFG at w: the module's docstring derives it, `effective_guidance` names it.
     """
     v_strong = lambda y, s: guided_velocity(teacher, y, s, c, u, w)
-    if cfg.teacher == "cfg":
+    if config.teacher == "cfg":
         return v_strong(x_t, t)
-    if cfg.teacher == "w2sd" and weak is None:
+    if config.teacher == "w2sd" and weak is None:
         raise ValueError("the w2sd teacher needs a weak model to invert with (Eq. 3)")
-    inverter, w_inv = (teacher, cfg.w_inv) if cfg.teacher == "zsampling" else (weak, cfg.w_weak)
+    inverter, w_inv = (teacher, config.w_inv) if config.teacher == "zsampling" else (weak, config.w_weak)
     w_inv = w if w_inv is None else w_inv
     v_weak = lambda y, s: guided_velocity(inverter, y, s, c, u, w_inv)
-    t_next = next_t(t, cfg.sample_steps, cfg.shift)  # (B,), < t
-    if cfg.reflection_target == "refined":  # Eq. 3 only: the second denoising is not needed
+    t_next = next_t(t, config.sample_steps, config.shift)  # (B,), < t
+    if config.reflection_target == "refined":  # Eq. 3 only: the second denoising is not needed
         return v_strong(reflected_point(x_t, t, t_next, v_strong, v_weak), t)
     _, x_next = reflect(x_t, t, t_next, v_strong, v_weak)
     dt = (t_next - t).reshape(-1, *([1] * (x_t.ndim - 1)))
@@ -151,11 +151,11 @@ def student_loss(student: Student, x_t, t, w, c: Text, u: Text, target, per_samp
     return error.flatten(1).mean(dim=1) if per_sample else error.mean()
 
 
-def check_w_range(student, cfg: DistillConfig):
+def check_w_range(student, config: DistillConfig):
     """Refuse a student whose recorded w_range is not Alg. 1's U[w_min, w_max]: the range a student
     records, and keeps to at sampling, must be the one it is trained on. `student` may be a DDP
     wrapper of a guidance.Student."""
     w_range = getattr(student, "module", student).w_range  # a DDP wrapper holds the Student as .module
-    if tuple(w_range) != (cfg.w_min, cfg.w_max):
-        raise ValueError(f"a student with w_range {tuple(w_range)} would be distilled on w ~ U[{cfg.w_min:g}, "
-                         f"{cfg.w_max:g}]: give it w_range=(w_min, w_max) of the DistillConfig")
+    if tuple(w_range) != (config.w_min, config.w_max):
+        raise ValueError(f"a student with w_range {tuple(w_range)} would be distilled on w ~ U[{config.w_min:g}, "
+                         f"{config.w_max:g}]: give it w_range=(w_min, w_max) of the DistillConfig")

@@ -20,17 +20,17 @@ W_GRID = (0.0, 1.0, 2.0, 5.0, 8.0, 11.0, 14.0, 18.0)  # the paper's [2, 14] and 
 T_GRID = tuple((k + 0.5) / 8 for k in range(8))  # the midpoints of 8 equal bins of (0, 1)
 
 
-def velocity_errors(students, teacher, x_t, t, w, c, u, cfg, weak=None):
+def velocity_errors(students, teacher, x_t, t, w, c, u, config, weak=None):
     """Alg. 1 lines 8-13 at the given points, without the update: the teacher's target (lines 8-11,
     distill.teacher_target) and each student's squared error against it (lines 12-13,
     distill.student_loss), per sample. x_t (B, C, H, W); t, w (B,); c the B prompts, u ∅ (B rows).
     Returns one (B,) tensor per student; its mean is the student's distillation loss on the batch."""
-    target = teacher_target(teacher, x_t, t, w, c, u, cfg, weak)  # (B, C, H, W)
+    target = teacher_target(teacher, x_t, t, w, c, u, config, weak)  # (B, C, H, W)
     with torch.no_grad():
         return [student_loss(s, x_t, t, w, c, u, target, per_sample=True) for s in students]
 
 
-def error_grid(students, teacher, x0, eps, c, u, cfg, weak=None, ws=W_GRID, ts=T_GRID):
+def error_grid(students, teacher, x0, eps, c, u, config, weak=None, ws=W_GRID, ts=T_GRID):
     """The mean of velocity_errors in every cell (w, t) of the grid, with the same images x0, noise
     eps and prompts c in every cell, so that cells differ by w and t only. The cells of one w run
     as one batch. x0, eps (B, C, H, W); c (B rows); u ∅ (one row). Returns
@@ -42,7 +42,7 @@ def error_grid(students, teacher, x0, eps, c, u, cfg, weak=None, ws=W_GRID, ts=T
     grid = [[[0.0] * len(ws) for _ in ts] for _ in students]
     for j, w in enumerate(ws):
         # w as a (T B,) tensor, as Alg. 1 draws it: CFG makes both passes even at w = 0
-        errors = velocity_errors(students, teacher, x_t, t, torch.full_like(t, w), c, u, cfg, weak)
+        errors = velocity_errors(students, teacher, x_t, t, torch.full_like(t, w), c, u, config, weak)
         for k, e in enumerate(errors):
             for i, cell in enumerate(e.view(T, B).mean(dim=1).tolist()):
                 grid[k][i][j] = cell
@@ -61,9 +61,9 @@ def measure(students, teacher, weak, text, bank, data, configs, n, device, seed)
     with torch.no_grad():
         c, u = text(bank.sample(y, g)), text(bank.empty)
     errors = {}
-    for kind, cfg in configs.items():
+    for kind, config in configs.items():
         names = [name for name, (_, k) in students.items() if k == kind]
         with autocast(device):
-            grids = error_grid([students[name][0] for name in names], teacher, x0, eps, c, u, cfg, weak)
+            grids = error_grid([students[name][0] for name in names], teacher, x0, eps, c, u, config, weak)
         errors.update(zip(names, grids))
     return {"ws": list(W_GRID), "ts": list(T_GRID), "errors": errors}

@@ -29,7 +29,7 @@ def student_method(s, w):
 
 @dataclass(frozen=True)
 class StudentSpec:
-    """One student of the toy: Alg. 1 from the teacher sampler `teacher` (cfg | zsampling | w2sd),
+    """One student of the toy: Alg. 1 from the teacher sampler `teacher` (config | zsampling | w2sd),
     with w entering z as `kind` says (guidance.Student), compared with the teacher row `imitates`.
     `divisor` of the Eq. 7 term (and the ablation's): None = the preset's."""
 

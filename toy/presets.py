@@ -5,6 +5,8 @@ docs/toy-results.md for why not 256)."""
 
 from dataclasses import dataclass
 
+from tinyteef.distill import DistillConfig
+
 
 @dataclass
 class Preset:
@@ -29,9 +31,9 @@ class Preset:
     time_batch: int  # batch size at which ms / image is measured
     text_len: int = 16
     w: float = 5.0  # the table's w: the paper's best (Fig. 5a)
-    w_min: float = 2.0  # Alg. 1's w ~ U[w_min, w_max], the paper's range
-    w_max: float = 14.0
-    t_dist: str = "uniform"  # p(t) of Alg. 1 line 4: the paper's U[0, 1] (distill.DistillConfig.t_dist)
+    w_min: float = DistillConfig.w_min  # Alg. 1's w ~ U[w_min, w_max], the paper's range
+    w_max: float = DistillConfig.w_max
+    t_dist: str = DistillConfig.t_dist  # p(t) of Alg. 1 line 4: the paper's U[0, 1]
     drop: float = 0.1  # empty-prompt rate while training the teacher (CFG needs v(∅))
     # Eq. 7's term is divided by this: 1 is the paper's equation; the authors' SD3 code uses 256
     # (guidance.TEEFUSION_DIVISOR), which leaves the term about 1e-4 of z in a model this small

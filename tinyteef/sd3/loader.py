@@ -11,6 +11,7 @@ Weights are read with our own safetensors reader: nothing is unpickled.
 import json
 import math
 import os
+import shutil
 from dataclasses import asdict, fields
 
 import torch
@@ -266,3 +267,19 @@ def link_components(model_dir, source_dir):
         src, dst = os.path.abspath(os.path.join(source_dir, name)), os.path.join(model_dir, name)
         if os.path.isdir(src) and not os.path.lexists(dst):
             os.symlink(src, dst, target_is_directory=True)
+
+
+def save_student(folder, student, teacher_dir=None, record=None):
+    """`folder` as a whole SD3 folder of a distilled student (guidance.Student), in the diffusers
+    layout: transformer/ written (H under guidance_in., `record` under "tinyteef" in its
+    config.json, read back by load_student), every other component linked to the teacher's folder.
+    Written beside `folder` and swapped in whole, so that a save stopped halfway leaves the last one."""
+    tmp, old = folder.rstrip("/") + ".new", folder.rstrip("/") + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_transformer(tmp, student.model, student.H, {STUDENT_RECORD: record or {}})
+    if teacher_dir is not None:
+        link_components(tmp, teacher_dir)
+    if os.path.isdir(folder):
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
