@@ -91,9 +91,8 @@ def psi_input(s, device, rounding="float32"):
 
 
 def psi_scaled(s, weight, rounding="float32"):
-    """psi(1000 s) for s a number or a (B,) tensor (a time t or a guidance weight w): 1000 s as
-    `psi_input` rounds it and the sinusoid in float32, then cast to the dtype and device of the MLP
-    `weight` that reads it. (B or 1, PSI_DIM)."""
+    """psi(1000 s), s = t or w (a number or (B,)): 1000 s as `psi_input` builds it, the sinusoid in
+    float32, cast to the dtype of the MLP `weight` that reads it. (B or 1, PSI_DIM)."""
     return psi(psi_input(s, weight.device, rounding)).to(weight.dtype)
 
 
