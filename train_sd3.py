@@ -9,10 +9,9 @@
 DATA_DIR holds images with captions: NAME.txt beside each image, or a metadata.jsonl with
 "file_name" and "text". Stage 1 encodes every image (VAE) and caption (text encoders) once into
 OUT/cache and frees the encoders. Stage 2 is Alg. 1: the student starts as a copy of the teacher;
-each step draws t ~ U[0, 1] (Alg. 1; --t-dist logit-normal for SD3's pre-training draw),
-w ~ U[w_min, w_max] and noise for a batch, asks the frozen teacher
-sampler (CFG, Z-Sampling or W2SD, in bf16) for its velocity target, and fits the student's one
-pass with the Eq. 7 term in z. The batch (128, as the paper) is split into micro-batches, summed
+each step draws t ~ U[0, 1] (--t-dist logit-normal: SD3's pre-training draw), w ~ U[w_min, w_max]
+and noise for a batch, asks the frozen teacher sampler (CFG, Z-Sampling or W2SD, in bf16) for its
+velocity target, and fits the student's one pass with the Eq. 7 term in z. The batch (128, as the paper) is split into micro-batches, summed
 by gradient accumulation, and over the processes by DDP.
 
 Every --save-every steps OUT/checkpoint.pt (student, optimizer, step) is written atomically, and
@@ -34,10 +33,9 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
-from tinyteef import checkpoint, samplers
+from tinyteef import checkpoint
 from tinyteef.bench import Meter
 from tinyteef.distill import (REFLECTION_TARGETS, TEACHERS, DistillConfig, check_w_range, effective_guidance,
                               sample_training_point, student_loss, teacher_target)
@@ -46,7 +44,7 @@ from tinyteef.guidance import STUDENT_KINDS, TEEFUSION_DIVISOR, DistillCFG, Stud
 from tinyteef.mmdit import MMDiT, MMDiTConfig
 from tinyteef.sd3 import cache
 from tinyteef.sd3.loader import load_transformer, load_vae, save_student
-from tinyteef.sd3.sample import SD3_T_MIN
+from tinyteef.sd3.sample import SD3_T_MIN, preview
 from tinyteef.sd3.tiny import randomize, write_tiny_sd3
 
 # The flags that define a run: a --resume with any of them changed is refused. (--compile is not one:
@@ -57,11 +55,13 @@ RUN_KEYS = ("model", "weak_model", "random_init", "data", "teacher", "student", 
 
 
 def parse_args(argv=None):
+    """The flags, in four groups, and every check that can be made before anything loads: a bad
+    flag stops here with one line that says what to do."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # the teacher, W2SD's weak model and the data; --random-init tries everything without downloads
     a = p.add_argument_group("models and data")
     a.add_argument("--model", help="the teacher: an SD3 / SD3.5 folder in the diffusers layout")
-    a.add_argument("--weak-model", help="W2SD's weak model (--teacher w2sd): a folder whose transformer is a "
-                                        "weaker model of the same architecture")
+    a.add_argument("--weak-model", help="W2SD's weak model: a weaker transformer of the same architecture")
     a.add_argument("--random-init", choices=("tiny", "sd3-medium"),
                    help="random weights instead of --model: 'tiny' writes a tiny SD3 folder (all components) "
                         "into OUT; 'sd3-medium' builds the transformer only and trains on random tensors")
@@ -69,8 +69,8 @@ def parse_args(argv=None):
     a.add_argument("--out", default="runs/sd3", help="output folder: cache, checkpoint, student, previews, log")
     a.add_argument("--resolution", type=int, default=1024, help="square training size in pixels")
     a.add_argument("--t5-length", type=int, default=256, help="T5 tokens of every prompt and of ∅ (SD3: 256)")
-    a.add_argument("--synthetic-size", type=int, default=1024, help="samples of random data (--random-init "
-                                                                   "without --data)")
+    a.add_argument("--synthetic-size", type=int, default=1024, help="samples of random data (no --data)")
+    # Alg. 1: which teacher sampler, which student, and the draws of w and t
     m = p.add_argument_group("distillation (Alg. 1)")
     m.add_argument("--teacher", required=True, choices=TEACHERS, help="the teacher's sampler to distil")
     m.add_argument("--student", default="teefusion", choices=STUDENT_KINDS,
@@ -93,6 +93,7 @@ def parse_args(argv=None):
                         "refined: the teacher's CFG velocity at the reflected point x~")
     m.add_argument("--t-dist", default=D.t_dist, choices=T_DISTS,
                    help="p(t) of Alg. 1: uniform (the paper's t ~ U[0, 1]) or logit-normal (SD3's pre-training)")
+    # the paper's optimisation (AdamW, lr 5e-6, batch 128), and what trades memory for speed
     o = p.add_argument_group("optimisation")
     o.add_argument("--steps", type=int, default=10000, help="optimizer steps (paper: loss flat after 10k)")
     o.add_argument("--batch-size", type=int, default=128, help="samples per optimizer step, all processes")
@@ -106,6 +107,7 @@ def parse_args(argv=None):
                         "elementwise kernels: faster steps, same results up to float rounding); the first "
                         "steps are slow while it compiles")
     o.add_argument("--seed", type=int, default=0)
+    # what is written to --out, and how often
     s = p.add_argument_group("outputs")
     s.add_argument("--save-every", type=int, default=500,
                    help="steps between checkpoints, one also at the end (0: none, for benchmarks)")
@@ -116,6 +118,7 @@ def parse_args(argv=None):
     s.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    # what the flags must agree on: where the models and data come from, and the sizes
     if args.random_init is None and (args.model is None or args.data is None):
         p.error("give --model DIR and --data DIR (or --random-init tiny|sd3-medium to try it without downloads)")
     if args.random_init is not None and args.model is not None:
@@ -127,6 +130,7 @@ def parse_args(argv=None):
         p.error("--teacher w2sd needs --weak-model DIR: W2SD reflects each step by inverting with a weak model "
                 "(Eq. 3), a weaker model of the same architecture, e.g. an earlier or less trained checkpoint "
                 "of the teacher; or use --teacher zsampling, which reflects with the teacher itself")
+    # a student refuses any w outside the range it is distilled on (guidance.Student.check_w)
     if args.preview_every and args.data is not None and not args.w_min <= args.preview_w <= args.w_max:
         p.error(f"--preview-w {args.preview_w:g} must lie in [--w-min, --w-max] = [{args.w_min:g}, {args.w_max:g}], "
                 "the range the student is distilled on")
@@ -134,7 +138,7 @@ def parse_args(argv=None):
         p.error(f"--resolution must be a multiple of 16 (VAE 8x, patch 2), got {args.resolution}")
     if args.micro_batch < 1 or args.batch_size % args.micro_batch:
         p.error(f"--batch-size {args.batch_size} must be a multiple of --micro-batch {args.micro_batch}")
-    for flag in ("model", "weak_model", "data"):
+    for flag in ("model", "weak_model", "data"):  # absolute paths: config.json must name the same run
         v = getattr(args, flag)
         if v is not None:
             if not os.path.isdir(v):
@@ -167,6 +171,7 @@ def load_models(args, model_dir, device):
     """Alg. 1 line 1: the frozen teacher (bf16 on a GPU), W2SD's weak model, and the student, a
     float32 copy of the teacher (bf16 autocast runs its matmuls)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # the weights: random at SD3-medium's size (speed and memory without a download), or loaded
     if args.random_init == "sd3-medium":
         g = torch.Generator().manual_seed(args.seed)
         with torch.device(device):
@@ -175,12 +180,17 @@ def load_models(args, model_dir, device):
     else:
         teacher, _ = load_transformer(model_dir, device)
         weak = load_transformer(args.weak_model, device)[0] if args.teacher == "w2sd" else None
+    # the student: a float32 copy of the teacher (AdamW's update is too small for bf16 weights at
+    # lr 5e-6), recomputing its activations in the backward unless told otherwise
     model = copy.deepcopy(teacher).train().requires_grad_(True)
     model.gradient_checkpointing = not args.no_gradient_checkpointing
+    # DistillCFG's new MLP H (zero last layer: the student starts equal to the teacher)
     H = DistillCFG(model.config.hidden_size).to(device) if args.student == "distillcfg" else None
     frozen = lambda m: None if m is None else m.to(device, dtype).eval().requires_grad_(False)
     teacher, weak = frozen(teacher), frozen(weak)
-    if args.compile:  # in place, before DDP wraps the student; state_dict keys stay the same
+    # regional compilation of every block, in place, before DDP wraps the student (state_dict keys
+    # stay the same, so checkpoints and the diffusers export do not change)
+    if args.compile:
         for m in filter(None, (teacher, weak, model)):
             m.compile_blocks()
     return teacher, weak, Student(model, args.student, H, args.teefusion_divisor, (args.w_min, args.w_max))
@@ -188,35 +198,12 @@ def load_models(args, model_dir, device):
 
 def global_rows(seed, step, batch_size, n):
     """The data rows of optimizer step `step`: positions step*batch .. (step+1)*batch - 1 of the
-    stream of epochs, each epoch a permutation of the n rows seeded by (seed, epoch)."""
+    stream of epochs, each epoch a permutation of the n rows seeded by (seed, epoch). A function of
+    the step alone, so a resumed run and any number of processes see the same batches."""
     positions = range(step * batch_size, (step + 1) * batch_size)
     perms = {e: torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + e))
              for e in {p // n for p in positions}}
     return [perms[p // n][p % n].item() for p in positions]
-
-
-@torch.no_grad()
-def preview(args, student, teacher, weak, vae, data, device, step):
-    """OUT/previews/step_N.png: the teacher sampler (top row) and the student (bottom row) at
-    --preview-w, for the first captions of the data, from the same noise."""
-    folder = os.path.join(args.out, "previews")
-    os.makedirs(folder, exist_ok=True)
-    rows = list(range(min(args.preview_count, len(data))))
-    x0, c = data.get(rows, device)
-    u = data.empty(device).expand(len(rows))
-    x = torch.randn(x0.shape, generator=torch.Generator(device).manual_seed(args.seed), device=device)
-    ts = time_grid(args.sample_steps, args.shift, tau_last=shift(SD3_T_MIN, args.shift)).to(device)
-    w = args.preview_w
-    decode = lambda z: torch.cat([(vae.decode(zi[None].float()).clamp(-1, 1) + 1) / 2 for zi in z])
-    teacher_path = os.path.join(folder, "teacher.pt")
-    if not os.path.isfile(teacher_path):
-        make = {"cfg": lambda: samplers.euler_cfg(teacher, x, ts, c, u, w),
-                "zsampling": lambda: samplers.z_sampling(teacher, x, ts, c, u, w, w_inv=args.w_inv),
-                "w2sd": lambda: samplers.w2sd(teacher, weak, x, ts, c, u, w, w_weak=args.w_weak)}[args.teacher]
-        checkpoint.save(decode(make().x).cpu(), teacher_path)
-    mine = decode(samplers.student(student, x, ts, c, u, w).x).cpu()
-    save_image(torch.cat([checkpoint.load(teacher_path), mine]), os.path.join(folder, f"step_{step:06d}.png"),
-               nrow=len(rows))
 
 
 def micro_batches(net, rows, step, args, world, rank, device):
@@ -252,6 +239,7 @@ def main(argv=None):
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # every process takes the same number of micro-batches, so that their all-reduces line up
     if (args.batch_size // args.micro_batch) % world:
         raise SystemExit(f"error: --batch-size {args.batch_size} / --micro-batch {args.micro_batch} micro-batches "
                          f"cannot be split over {world} processes; make it a multiple of {world}")
@@ -288,12 +276,13 @@ def main(argv=None):
     # Alg. 1 line 1: the student starts as a copy of the teacher; teacher and weak model are frozen
     teacher, weak, student = load_models(args, model_dir, device)
     if args.data is None:  # --random-init without --data: random latents and text, for speed and memory
+        # of the teacher's input widths: latent channels, pooled and token embedding sizes
         c_ = teacher.config
         data = cache.SyntheticData(args.synthetic_size, c_.in_channels, args.resolution, c_.pooled_projection_dim,
                                    c_.joint_attention_dim, 77 + args.t5_length, args.seed)
     vae = load_vae(model_dir, device).eval() if rank == 0 and args.data is not None else None  # previews only
-
-    # Alg. 1's settings: every field of DistillConfig that a flag sets (t_mean, t_std keep theirs)
+    # Alg. 1's settings (teacher sampler, w range, inversion guidance, the student's grid, reflection
+    # target, p(t)): every field of DistillConfig that a flag sets (t_mean and t_std keep theirs)
     config = DistillConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DistillConfig)
                               if hasattr(args, f.name)})
     log0(rank, f"teacher: {args.teacher}, to first order in the step {effective_guidance(config)} "
@@ -321,13 +310,17 @@ def main(argv=None):
     # frozen nets, three (forward and backward) for the student.
     teacher_n = Meter(teacher)
     weak_n = Meter(weak) if weak is not None else None
+    # one row's forward: a latent of resolution / 8 and SD3's 77 CLIP + t5-length T5 text tokens
     h = args.resolution // 8
     flops_row = teacher.flops_per_forward(1, h, h, 77 + args.t5_length)
     A = args.batch_size // args.micro_batch  # micro-batches per step, all processes
     accum = A // world  # ... of this process: each backward carries 1 / accum of the step's gradient
-    check_w_range(student, config)
+    check_w_range(student, config)  # the w range the student records is the one it is trained on
     empty = data.empty(device)  # ∅, the encoding of "" (1 row)
+    # bf16 autocast on a GPU: the matmuls run in bf16, the student's weights and gradients stay
+    # float32; on the CPU (the tests) everything is float32
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    # log.jsonl: one line per step (loss, gradient norm, speed, memory), from the first process
     log_file = open(os.path.join(out, "log.jsonl"), "a") if rank == 0 else None
     bar = tqdm(range(start, args.steps), desc="stage 2: distilling", initial=start, total=args.steps,
                disable=rank != 0)
@@ -348,7 +341,7 @@ def main(argv=None):
                 # lines 12-13: the student's one pass with z^ (Eq. 7), || v_S(x_t, z^) - target ||^2
                 loss = student_loss(net, x_t, t, w, c, u, target)
                 (loss * (1 / accum)).backward()  # the step's gradient is the mean over its micro-batches
-            total += loss.item()
+            total += loss.item()  # the mean loss of this micro-batch, before the 1 / accum scaling
         if world > 1:  # the logged loss is the mean over the whole batch, all processes
             dist.all_reduce(total)
         loss = total.item() / A
@@ -359,6 +352,7 @@ def main(argv=None):
             raise SystemExit(f"error: non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}; "
                              f"stopped before the update, the last good checkpoint in {out} is kept")
         opt.step()  # line 14: the AdamW update
+        # zeroed in place under DDP, so the gradients stay views of DDP's buckets (see above)
         opt.zero_grad(set_to_none=world == 1)
         # timing and logging: the teacher's and weak model's passes were counted and timed (Meter),
         # so the step's time splits into teacher and student, and model FLOPs give the MFU
@@ -389,8 +383,14 @@ def main(argv=None):
                     "step": done})
             # previews: teacher sampler above, student below, same captions and noise
             if vae is not None and args.preview_every and done % args.preview_every == 0:
+                # the first captions of the data, the same noise every time, the student's own grid
+                n = min(args.preview_count, len(data))
+                x0, c = data.get(list(range(n)), device)
+                noise = torch.randn(x0.shape, generator=torch.Generator(device).manual_seed(args.seed), device=device)
+                ts = time_grid(args.sample_steps, args.shift, tau_last=shift(SD3_T_MIN, args.shift)).to(device)
                 with autocast:
-                    preview(args, student, teacher, weak, vae, data, device, done)
+                    preview(os.path.join(out, "previews", f"step_{done:06d}.png"), student, teacher, weak, vae, noise,
+                            c, empty.expand(n), args.preview_w, ts, args.teacher, args.w_inv, args.w_weak)
     if world > 1:
         dist.destroy_process_group()
     log0(rank, f"done: checkpoint, student and log in {os.path.abspath(out)}")

@@ -37,21 +37,23 @@ from tinyteef import checkpoint
 from tinyteef.distill import check_w_range, sample_training_point, student_loss, teacher_target
 from tinyteef.flow import interpolate, sample_t_logit_normal, velocity_target
 from tinyteef.guidance import DistillCFG, Student
-from tinyteef.mmdit import MMDiT, MMDiTConfig
+from tinyteef.mmdit import MMDiT
 from tinyteef.schedules import Ramp
 from toy import data as toydata
 from toy import fidelity, negative
 from toy.colour import colour_stats
 from toy.evaluator import Evaluator, train_evaluator
-from toy.report import (colour_section, curve_section, fidelity_section, save_grid, save_w_grid,
+from toy.report import (colour_section, curve_section, fidelity_section, run_facts, save_grid, save_w_grid,
                         schedule_section, write_report)
 from toy.methods import STUDENTS, distill_config, method_at, row_guidance, student_method, teacher_methods
-from toy.presets import PRESETS
+from toy.presets import PRESETS, mmdit_config
 from toy.scoring import Scorer, autocast, spread
 from toy.text import PromptBank, TextEncoder, Tokenizer
 
 
 def parse_args(argv=None):
+    """The flags: the dataset, the preset (sizes and steps), the output folder, the device and the
+    seed. The method's settings (w range, p(t), sampling grid) are the preset's, from the paper."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", choices=toydata.DATASETS, default="cifar10",
                    help="dataset (default cifar10, downloaded; offline: shapes or fashion-mnist)")
@@ -70,24 +72,16 @@ def parse_args(argv=None):
 # helpers
 
 
-def mmdit_config(data, P):
-    """The toy MMDiT: SD3's architecture at P.width x P.layers, patch 2 on 32 x 32 images, text
-    widths from the tiny text encoder."""
-    heads = max(P.width // 64, 2)
-    return MMDiTConfig(sample_size=32, patch_size=2, in_channels=data.channels, out_channels=data.channels,
-                       num_layers=P.layers, attention_head_dim=P.width // heads, num_attention_heads=heads,
-                       joint_attention_dim=P.text_width, caption_projection_dim=P.width,
-                       pooled_projection_dim=P.text_width, pos_embed_max_size=16)
-
-
 def ema_update(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter. The teacher is the EMA of
+    the trained weights (as SD3's and DiT's released models are): smoother samples at equal steps."""
     with torch.no_grad():
         torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
 def staged(path, compute):
-    """Load a stage's result from `path`, or compute it and save it there (atomically)."""
+    """Load a stage's result from `path`, or compute it and save it there (atomically): how every
+    stage is cached, so that a stopped run resumes where it was and a finished one re-reports fast."""
     if os.path.exists(path):
         return checkpoint.load(path)
     result = compute()
@@ -96,7 +90,8 @@ def staged(path, compute):
 
 
 def random_rows(g, n, size):
-    """`size` random indices below n, drawn from the generator g (on its device)."""
+    """`size` random indices below n, drawn from the generator g (on its device): batches drawn with
+    replacement from one seeded stream, so that a resumed stage draws what it would have drawn."""
     return torch.randint(n, (size,), generator=g, device=g.device)
 
 
@@ -122,7 +117,8 @@ def stage_evaluator(data, P, device, out, seed):
 
 
 def teacher_loss(model, text, x0, ids, g):
-    """Flow matching: || v(x_t, t, c) - (eps - x0) ||^2 with SD3's logit-normal t."""
+    """Flow matching: || v(x_t, t, c) - (eps - x0) ||^2 with SD3's logit-normal t. This trains the
+    toy's teacher (SD3's pre-training, in small); Alg. 1's own t ~ U[0, 1] is the students'."""
     c = text(ids)
     t = sample_t_logit_normal(x0.shape[0], generator=g, device=x0.device)
     eps = torch.randn(x0.shape, generator=g, device=x0.device)
@@ -135,20 +131,24 @@ def stage_teacher(data, P, device, out, seed):
     Returns (EMA teacher, weak model, text encoder, tokenizer, loss curve)."""
     path, partial = os.path.join(out, "teacher.pt"), os.path.join(out, "teacher.partial.pt")
     torch.manual_seed(seed)  # the same initial weights whichever stages ran before in this process
+    # SD3's pieces in small: a word tokenizer and a 2-layer text encoder that give token states and a
+    # pooled vector (SD3's three encoders give both), and SD3's MMDiT at the preset's size
     tokenizer = Tokenizer(data.vocabulary(), P.text_len)
     model, text = MMDiT(mmdit_config(data, P)).to(device), TextEncoder(
         len(tokenizer), P.text_len, P.text_width, P.text_layers, pooled_dim=P.text_width).to(device)
     ema, weak = copy.deepcopy(model), copy.deepcopy(model)
     if not os.path.exists(path):
         opt = torch.optim.AdamW([*model.parameters(), *text.parameters()], lr=P.lr, weight_decay=0.0)
-        g = torch.Generator(device).manual_seed(seed)
+        g = torch.Generator(device).manual_seed(seed)  # every draw of this stage: data, prompts, t, noise
         state = {"step": 0, "losses": []}
-        if os.path.exists(partial):
+        if os.path.exists(partial):  # resume: weights, EMA, weak snapshot, optimizer and the generator
             state = checkpoint.load(partial)
             for m, k in ((model, "model"), (text, "text"), (ema, "ema"), (weak, "weak"), (opt, "opt")):
                 m.load_state_dict(state[k])
             g.set_state(state["rng"].to(torch.uint8))
         bank, x_all, y_all = PromptBank(data, tokenizer, device), data.train_x.to(device), data.train_y.to(device)
+        # the text encoder trains with the MMDiT for 40% of the steps, then is frozen (SD3's encoders
+        # are pre-trained and frozen); W2SD's weak model is the EMA at 60%
         freeze, snapshot = int(0.4 * P.teacher_steps), int(0.6 * P.teacher_steps)
         bar = tqdm(range(state["step"], P.teacher_steps), desc="teacher", initial=state["step"],
                    total=P.teacher_steps)
@@ -194,6 +194,8 @@ def stage_students(data, P, device, out, seed, teacher, weak, text, bank, kind):
     Returns ({name: Student}, their loss curves {name: [(step, loss)]})."""
     names = [n for n, spec in STUDENTS.items() if spec.teacher == kind]
     torch.manual_seed(seed)  # DistillCFG's H starts the same whichever stages ran before
+    # one AdamW per student; all of them read the teacher's target of the same batch, which is
+    # computed once (a W2SD+CFG target costs 6 teacher passes per sample)
     students = []
     for n in names:  # Alg. 1 line 1: each student starts as a copy of the teacher
         spec = STUDENTS[n]
@@ -260,12 +262,12 @@ def score(scorer, out, name, method, teacher_x=None, timing=True):
     with `teacher_x`, the samples of the teacher row it imitates, also the RMS distance to them."""
     slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
-    def compute():
+    def compute():  # samples, prompt accuracy, Fréchet distance, passes and (with timing) ms / image
         r, x = scorer.score(method, timing=timing)
         save_grid(spread(x, 64), os.path.join(out, f"{slug}.png"))
         return {**r, "x": toydata.to_uint8(x)}
     r = staged(os.path.join(out, "scores", f"{slug}.pt"), compute)
-    if teacher_x is not None:
+    if teacher_x is not None:  # the same prompts and noise as the teacher row: how far the student lands
         diff = toydata.to_float(r["x"]) - toydata.to_float(teacher_x)
         r["rms"] = diff.square().mean().sqrt().item()
     return {**r, "grid": f"{slug}.png"}
@@ -287,14 +289,18 @@ def stage_sweep(scorer, P, out, methods):
 
 
 def main(argv=None):
+    """The whole toy experiment: stages 1-8 in order, each cached in --out (see the docstring)."""
     args = parse_args(argv)
     device = torch.device(args.device)
+    # the preset: sizes and steps (toy/presets.py); the method's settings are the paper's
     args.preset = args.preset or ("full" if device.type == "cuda" else "smoke")
     P = PRESETS[args.preset]
     if args.teefusion_divisor is not None:
         P = dataclasses.replace(P, teefusion_divisor=args.teefusion_divisor)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda, but torch sees no GPU; use --device cpu (and --preset smoke)")
+    # the run's folder and what defines the run: another dataset, preset or seed is another run,
+    # refused here rather than mixed with the cached stages of this one
     out = args.out or os.path.join("runs", f"toy-{args.data}-{args.preset}")
     run = {"data": args.data, "preset": dataclasses.asdict(P), "seed": args.seed}
     cfg_path = os.path.join(out, "config.json")
@@ -305,7 +311,7 @@ def main(argv=None):
                                  "use another --out or delete that folder")
     torch.manual_seed(args.seed)
     started = time.time()
-
+    # the dataset: images and the prompts that describe them (class names, or shapes' attributes)
     try:
         data = toydata.load(args.data, root=args.data_root, seed=args.seed, limit=P.limit)
     except (RuntimeError, ValueError) as e:
@@ -321,6 +327,7 @@ def main(argv=None):
     # stages 1 and 2: the evaluator, then the teacher with its text encoder and W2SD's weak model
     evaluator, ev = stage_evaluator(data, P, device, out, args.seed)
     teacher, weak, text, tokenizer, teacher_losses = stage_teacher(data, P, device, out, args.seed)
+    # every method is scored on the same held-out prompts and noise, so rows compare like with like
     bank = PromptBank(data, tokenizer, device)
     scorer = Scorer(data, P, device, evaluator, text, bank, args.seed)
     # an evaluator cached before it kept its loss curve has none to draw
@@ -341,7 +348,8 @@ def main(argv=None):
     for name, r in table.items():  # what each row amounts to, to first order in the step
         r["guidance"] = row_guidance(name, P)
 
-    # the w sweep (Fig. 5a, Fig. 4): the W2SD+CFG teacher and three of its students
+    # the w sweep (Fig. 5a, Fig. 4): the W2SD+CFG teacher and three of its students, at every w of
+    # the preset's sweep over the paper's range [2, 14]: does the student still respond to w?
     at = {name: method_at(name, students, teacher, weak) for name in (
         "Teacher Euler+CFG", "TeEFusion from Euler+CFG", "Teacher W2SD+CFG", "TeEFusion from W2SD+CFG",
         "TeEFusion, term / 256 (authors' SD3 code), from W2SD+CFG", "DistillCFG from W2SD+CFG")}
@@ -350,7 +358,8 @@ def main(argv=None):
                      "DistillCFG": at["DistillCFG from W2SD+CFG"]}
     sweep = stage_sweep(scorer, P, out, sweep_methods)
 
-    # stage 5: a ramp from w_min (noise) to 2 w - w_min (data), mean w, against the constant w
+    # stage 5: a ramp from w_min (noise) to 2 w - w_min (data), mean w, against the constant w, at
+    # equal cost (beyond the paper: does a schedule help the teachers and their students alike?)
     ramp = Ramp(P.w_min, 2 * P.w - P.w_min)
     ramp_name = f"w ramp {ramp.w_start:g} → {ramp.w_end:g}"
     pairs = {name: at[name] for name in ("Teacher Euler+CFG", "TeEFusion from Euler+CFG", "Teacher W2SD+CFG",
@@ -358,34 +367,26 @@ def main(argv=None):
     schedule = {name: {"constant": table[name],
                        "schedule": score(scorer, out, f"{name}, {ramp_name}", make(ramp), timing=False)}
                 for name, make in pairs.items()}
-    # stage 6: negative prompts, on the same samplers at the table's w
+    # stage 6: negative prompts, on the same samplers at the table's w: the students were distilled
+    # with ∅ only, so this measures what they do with a prompt in ∅'s place
     negated = staged(os.path.join(out, "negative.pt"),
                      lambda: negative.measure(scorer, {name: make(P.w) for name, make in pairs.items()}))
-    # stage 7: each student's error against its teacher's target over (w, t), on held-out images
+    # stage 7: each student's error against its teacher's target over (w, t), on held-out images:
+    # the distillation loss of Alg. 1 evaluated on a grid, inside and outside the trained w range
     fid = staged(os.path.join(out, "fidelity.pt"), lambda: fidelity.measure(
         {name: (s, STUDENTS[name].teacher) for name, s in students.items()}, teacher, weak, text, bank, data,
         {kind: distill_config(P, kind) for kind in ("cfg", "zsampling", "w2sd")}, min(P.distill_batch // 2, 64),
         device, args.seed + 3))
 
-    # stage 8: the report
+    # stage 8: the report: the main table with each row's effective guidance, the sweep, the extra
+    # sections and figures, and the run's facts
     sections = [schedule_section(schedule, ramp, P.w), negative.section(negated, data.attributes, P.w),
                 fidelity_section(out, fid, (P.w_min, P.w_max)),
                 colour_section(out, sweep["rows"], list(sweep_methods), colour_stats(data.test_x)),
                 curve_section(out, curves)]
-    w2sd_ms, student_ms = table["Teacher W2SD+CFG"]["ms"], table["TeEFusion from W2SD+CFG"]["ms"]
-    info = {"data": args.data, "preset": args.preset, "w": P.w, "facts": {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-        "evaluator held-out accuracy (all attributes)": f"{100 * ev['accuracy']:.1f}%",
-        "teacher": f"MMDiT {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f} M parameters, "
-                   f"{P.layers} blocks of width {P.width}, {P.teacher_steps} steps at batch {P.batch}",
-        "students": f"{P.distill_steps} steps at batch {P.distill_batch}, AdamW lr {P.distill_lr}, "
-                    f"w ~ U[{P.w_min}, {P.w_max}], t ~ {P.t_dist}",
-        "sampling": f"{P.sample_steps} Euler steps, shift 1; scores over {P.n_eval} images "
-                    f"(sweep: {max(P.n_eval // 2, 8)}); ms / image at batch {min(P.time_batch, P.n_eval)}",
-        "wall time": f"{time.time() - started:.0f} s this invocation, {time.time() - first:.0f} s "
-                     "since the first began (with any pause between invocations)"},
-        "speed_line": f"Student (TeEFusion from W2SD+CFG) vs its W2SD+CFG teacher, same device and batch: "
-                      f"{w2sd_ms / student_ms:.2f}x faster in wall time."}
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    info = run_facts(args.data, args.preset, P, device_name, ev["accuracy"], teacher, table,
+                     time.time() - started, time.time() - first)
     write_report(out, info, table, {"methods": list(sweep_methods), "rows": sweep["rows"]},
                  list(sweep_methods), list(P.sweep), sections)
     print(f"done: report and images in {os.path.abspath(out)}")

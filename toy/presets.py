@@ -6,6 +6,7 @@ docs/toy-results.md for why not 256)."""
 from dataclasses import dataclass
 
 from tinyteef.distill import DistillConfig
+from tinyteef.mmdit import MMDiTConfig
 
 
 @dataclass
@@ -58,3 +59,13 @@ PRESETS = {
                    distill_batch=128, distill_lr=1e-4, sweep=(2.0, 4.0, 6.0, 8.0, 11.0, 14.0), save_every=250,
                    time_batch=500),
 }
+
+
+def mmdit_config(data, P):
+    """The toy MMDiT: SD3's architecture at P.width x P.layers, patch 2 on 32 x 32 images, heads
+    of 64 (at least 2), text widths from the tiny text encoder."""
+    heads = max(P.width // 64, 2)
+    return MMDiTConfig(sample_size=32, patch_size=2, in_channels=data.channels, out_channels=data.channels,
+                       num_layers=P.layers, attention_head_dim=P.width // heads, num_attention_heads=heads,
+                       joint_attention_dim=P.text_width, caption_projection_dim=P.width,
+                       pooled_projection_dim=P.text_width, pos_embed_max_size=16)

@@ -125,6 +125,25 @@ def curve_section(out, curves):
     return "Loss curves of every training stage", lines
 
 
+def run_facts(data, preset, P, device_name, accuracy, teacher, table, invocation_s, total_s):
+    """The run's facts for report.md's head: device, evaluator accuracy, the sizes and steps of the
+    teacher, students and sampling, the wall time, and the student's speed against its teacher."""
+    w2sd_ms, student_ms = table["Teacher W2SD+CFG"]["ms"], table["TeEFusion from W2SD+CFG"]["ms"]
+    return {"data": data, "preset": preset, "w": P.w, "facts": {
+        "device": device_name,
+        "evaluator held-out accuracy (all attributes)": f"{100 * accuracy:.1f}%",
+        "teacher": f"MMDiT {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f} M parameters, "
+                   f"{P.layers} blocks of width {P.width}, {P.teacher_steps} steps at batch {P.batch}",
+        "students": f"{P.distill_steps} steps at batch {P.distill_batch}, AdamW lr {P.distill_lr}, "
+                    f"w ~ U[{P.w_min}, {P.w_max}], t ~ {P.t_dist}",
+        "sampling": f"{P.sample_steps} Euler steps, shift 1; scores over {P.n_eval} images "
+                    f"(sweep: {max(P.n_eval // 2, 8)}); ms / image at batch {min(P.time_batch, P.n_eval)}",
+        "wall time": f"{invocation_s:.0f} s this invocation, {total_s:.0f} s "
+                     "since the first began (with any pause between invocations)"},
+        "speed_line": f"Student (TeEFusion from W2SD+CFG) vs its W2SD+CFG teacher, same device and batch: "
+                      f"{w2sd_ms / student_ms:.2f}x faster in wall time."}
+
+
 def write_report(out, info, table, sweep, grid_methods, grid_ws, sections=()):
     """report.md in `out`: run facts, the main table, the w sweep, the extra `sections` (pairs of a
     title and its lines), and links to the grids."""

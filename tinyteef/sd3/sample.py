@@ -17,7 +17,7 @@ import os
 import torch
 from torchvision.utils import save_image
 
-from .. import samplers
+from .. import checkpoint, samplers
 from ..flow import shift, time_grid
 from ..guidance import TEEFUSION_DIVISOR
 from ..mmdit import W_ROUNDINGS, psi_input
@@ -75,21 +75,36 @@ def parse_args(argv=None):
     return args
 
 
-def run(model, x, ts, c, u, args, weak=None):
-    """One sampler of SAMPLERS on the latent x; for teefusion `model` is a guidance.Student.
-    Returns samplers.Samples."""
-    w = args.w
-    if args.sampler == "euler":
-        return samplers.euler(model, x, ts, c, progress=True)
-    if args.sampler == "cfg":
-        return samplers.euler_cfg(model, x, ts, c, u, w, progress=True)
-    if args.sampler == "naive":
-        return samplers.naive(model, x, ts, c, u, w, progress=True)
-    if args.sampler == "zsampling":
-        return samplers.z_sampling(model, x, ts, c, u, w, progress=True)
-    if args.sampler == "w2sd":
-        return samplers.w2sd(model, weak, x, ts, c, u, w, progress=True)
-    return samplers.student(model, x, ts, c, u, w, progress=True)
+def run(sampler, model, x, ts, c, u, w, weak=None, w_inv=-1.0, w_weak=None, progress=True):
+    """The sampler of SAMPLERS named `sampler` on the latent x (the names of Alg. 1's teacher
+    samplers, cfg, zsampling and w2sd, are among them); for teefusion `model` is a
+    guidance.Student. Returns samplers.Samples."""
+    if sampler == "euler":
+        return samplers.euler(model, x, ts, c, progress=progress)
+    if sampler == "cfg":
+        return samplers.euler_cfg(model, x, ts, c, u, w, progress=progress)
+    if sampler == "naive":
+        return samplers.naive(model, x, ts, c, u, w, progress=progress)
+    if sampler == "zsampling":
+        return samplers.z_sampling(model, x, ts, c, u, w, w_inv=w_inv, progress=progress)
+    if sampler == "w2sd":
+        return samplers.w2sd(model, weak, x, ts, c, u, w, w_weak=w_weak, progress=progress)
+    return samplers.student(model, x, ts, c, u, w, progress=progress)
+
+
+@torch.no_grad()
+def preview(path, student, teacher, weak, vae, x, c, u, w, ts, teacher_sampler, w_inv=-1.0, w_weak=None):
+    """One PNG at `path`: the teacher sampler's samples (top row) and the student's (bottom row)
+    from the same latents x and prompts c, at guidance w, decoded by the VAE one by one. The
+    teacher's row, which never changes during a run, is computed once and kept beside the PNG."""
+    decode = lambda z: torch.cat([(vae.decode(zi[None].float()).clamp(-1, 1) + 1) / 2 for zi in z])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    teacher_path = os.path.join(os.path.dirname(path), "teacher.pt")
+    if not os.path.isfile(teacher_path):
+        samples = run(teacher_sampler, teacher, x, ts, c, u, w, weak, w_inv, w_weak, progress=False)
+        checkpoint.save(decode(samples.x).cpu(), teacher_path)
+    mine = decode(samplers.student(student, x, ts, c, u, w).x).cpu()
+    save_image(torch.cat([checkpoint.load(teacher_path), mine]), path, nrow=len(x))
 
 
 def main(argv=None):
@@ -116,7 +131,7 @@ def main(argv=None):
     x = torch.randn(1, config.in_channels, args.height // 8, args.width // 8, generator=g, device=device)
     ts = time_grid(args.steps, args.shift, tau_last=shift(SD3_T_MIN, args.shift)).to(device)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        s = run(model, x, ts, c, u, args, weak)
+        s = run(args.sampler, model, x, ts, c, u, args.w, weak)
     del model, weak
     vae = load_vae(args.model, device, torch.float32)
     with torch.no_grad():
