@@ -13,6 +13,7 @@ the resolution, and centre-cropped to a square.
 import json
 import os
 
+import numpy as np
 from PIL import Image, ImageOps
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
@@ -22,18 +23,35 @@ METADATA = "metadata.jsonl"
 
 
 def _from_metadata(folder, path):
+    """Every line checked: a JSON object whose "file_name" names a file of the folder and whose
+    "text" is a string. A mistake stops the run at its line (a misnamed file must not silently
+    shrink the data, a null caption must not train as the word "None")."""
     items = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                items.append((os.path.join(folder, row["file_name"]), str(row["text"])))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path} line {n}: expected a JSON object with \"file_name\" and "
-                                 f"\"text\" ({type(e).__name__}: {e})") from e
+    for n, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            name, text = row["file_name"], row["text"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} line {n}: expected a JSON object with \"file_name\" and "
+                             f"\"text\" ({type(e).__name__}: {e})") from e
+        if not isinstance(text, str):
+            raise ValueError(f"{path} line {n}: \"text\" must be a string (the caption), got {json.dumps(text)}")
+        if not isinstance(name, str) or not os.path.isfile(os.path.join(folder, name)):
+            raise ValueError(f"{path} line {n}: \"file_name\" {json.dumps(name)} is not a file in {folder}; "
+                             f"fix the name, or remove the line")
+        items.append((os.path.join(folder, name), text))
     return items
+
+
+def _read_text(path):
+    """A UTF-8 text file's content, or a ValueError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e}); save it as UTF-8") from e
 
 
 def _from_caption_files(folder):
@@ -48,8 +66,7 @@ def _from_caption_files(folder):
             if not os.path.isfile(caption):
                 missing.append(os.path.join(root, name))
                 continue
-            with open(caption, encoding="utf-8") as f:
-                items.append((os.path.join(root, name), f.read().strip()))
+            items.append((os.path.join(root, name), _read_text(caption).strip()))
     if missing:
         raise ValueError(f"{len(missing)} image(s) in {folder} have no caption, e.g. {missing[0]}: put the "
                          f"caption in a .txt file of the same name beside each image, or list every image "
@@ -75,7 +92,13 @@ def load_image(path, resolution):
     to `resolution` (bicubic, antialiased), then the centre square. Raises OSError (PIL's
     UnidentifiedImageError is one) or ValueError when the file cannot be read or decoded."""
     with Image.open(path) as im:
-        image = TF.pil_to_tensor(ImageOps.exif_transpose(im).convert("RGB"))  # (3, H, W) uint8
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16-bit grey: Pillow's convert("RGB") clips at 255 (a 0-65535 ramp comes out almost all
+            # white); scale 0..65535 to 0..255 instead
+            grey = np.asarray(im, dtype=np.float64) / 257.0
+            im = Image.fromarray(np.clip(grey.round(), 0, 255).astype(np.uint8), "L")
+        image = TF.pil_to_tensor(im.convert("RGB"))  # (3, H, W) uint8
     image = TF.resize(image, resolution, interpolation=InterpolationMode.BICUBIC, antialias=True)
     image = TF.center_crop(image, resolution)  # (3, R, R)
     return image.float() / 127.5 - 1.0
