@@ -23,6 +23,15 @@ def test_cli_errors(tmp_path, capsys):
     assert "--sampler w2sd needs --weak-model DIR" in err and "--sampler zsampling" in err
     assert "no such folder" in error_of(["--model", str(tmp_path / "nope"), "--prompt", "a"], capsys)
     assert "multiples of 16" in error_of(base + ["--height", "1000"], capsys)
+    # bad numbers and a bad --out are refused before anything loads
+    for flags, message in ((["--w", "nan"], "--w must be a finite number"),
+                           (["--shift", "nan"], "--shift must be a finite number above 0"),
+                           (["--shift", "0"], "--shift must be a finite number above 0"),
+                           (["--steps", "0"], "--steps must be at least 1"),
+                           (["--height", "0"], "positive multiples of 16"), (["--width", "-16"], "positive multiples"),
+                           (["--out", str(tmp_path / "no" / "x.png")], "does not exist; create it"),
+                           (["--out", str(tmp_path / "x.txt")], "must end in one of .png")):
+        assert message in error_of(base + flags, capsys), flags
     assert parse_args(base + ["--sampler", "teefusion"]).teefusion_divisor is None  # the student's record decides
     assert "--negative-prompt needs a guided sampler" in error_of(
         base + ["--sampler", "euler", "--negative-prompt", "a dog"], capsys)
@@ -145,6 +154,24 @@ def test_cli_prints_the_w_rounding_it_used(tiny_sd3, tmp_path, capsys):
     assert "w rounding: authors-bf16 (from the student's folder): 1000 w = 4992 enters psi" in capsys.readouterr().out
     main(base + ["--w-rounding", "float32"])
     assert "w rounding: float32 (from --w-rounding): 1000 w = 5000 enters psi" in capsys.readouterr().out
+
+
+def test_non_finite_sample_stops_with_an_error(tiny_sd3, tmp_path):
+    """A NaN in the weights gives a NaN sample: an error naming the model, no black image written."""
+    import shutil
+    from tinyteef.safetensors import load_file, save_file
+    from tinyteef.sd3.sample import main
+    folder = tmp_path / "nan_model"
+    shutil.copytree(tiny_sd3, folder, symlinks=True)
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    state["proj_out.bias"] = torch.full_like(state["proj_out.bias"], float("nan"))
+    save_file(state, str(weights))
+    out = tmp_path / "x.png"
+    with pytest.raises(SystemExit, match="the sample turned non-finite .*--model"):
+        main(["--model", str(folder), "--prompt", "a cat", "--sampler", "cfg", "--steps", "2", "--height", "32",
+              "--width", "32", "--device", "cpu", "--out", str(out)])
+    assert not out.exists()
 
 
 def test_student_w_outside_its_range_is_refused(tiny_sd3, tmp_path):

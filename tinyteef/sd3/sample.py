@@ -12,6 +12,7 @@ float32 for ours, rounded in bf16 for the authors' released student (--w-roundin
 """
 
 import argparse
+import math
 import os
 
 import torch
@@ -26,6 +27,7 @@ from .prompt import TextEncoders
 
 SAMPLERS = ("euler", "cfg", "naive", "zsampling", "w2sd", "teefusion")
 SD3_T_MIN = 1e-3  # the scheduler's smallest unshifted time: 1 / num_train_timesteps
+OUT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")  # image formats torchvision's save_image writes
 
 
 def parse_args(argv=None):
@@ -67,8 +69,21 @@ def parse_args(argv=None):
     if args.negative_prompt and args.sampler == "euler":
         p.error("--negative-prompt needs a guided sampler (cfg, naive, zsampling, w2sd, teefusion): "
                 "euler runs without guidance and never uses ∅")
-    if args.height % 16 or args.width % 16:
-        p.error(f"--height and --width must be multiples of 16 (got {args.height}x{args.width})")
+    # numbers that would run to the end and write a black image: refused before anything loads
+    if not math.isfinite(args.w):
+        p.error(f"--w must be a finite number, got {args.w}")
+    if not (math.isfinite(args.shift) and args.shift > 0):
+        p.error(f"--shift must be a finite number above 0 (SD3: 3), got {args.shift}")
+    if args.steps < 1:
+        p.error(f"--steps must be at least 1, got {args.steps}")
+    if args.height < 16 or args.width < 16 or args.height % 16 or args.width % 16:
+        p.error(f"--height and --width must be positive multiples of 16 (got {args.height}x{args.width})")
+    # the output is checked first, so that a bad --out never throws a finished sample away
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        p.error(f"--out {args.out}: the folder {out_dir} does not exist; create it or choose another path")
+    if os.path.splitext(args.out)[1].lower() not in OUT_EXTENSIONS:
+        p.error(f"--out {args.out}: the file name must end in one of {', '.join(OUT_EXTENSIONS)}")
     for flag, folder in (("--model", args.model), ("--weak-model", args.weak_model)):
         if folder is not None and not os.path.isdir(folder):
             p.error(f"{flag} {folder}: no such folder")
@@ -132,6 +147,9 @@ def main(argv=None):
     ts = time_grid(args.steps, args.shift, tau_last=shift(SD3_T_MIN, args.shift)).to(device)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         s = run(args.sampler, model, x, ts, c, u, args.w, weak)
+    if not torch.isfinite(s.x).all():  # NaN or inf weights, or a model that diverges at this w
+        raise SystemExit(f"error: the sample turned non-finite (NaN or inf) with --sampler {args.sampler} --w "
+                         f"{args.w:g}; check the model's weights (--model {args.model}), or try a smaller --w")
     del model, weak
     vae = load_vae(args.model, device, torch.float32)
     with torch.no_grad():
