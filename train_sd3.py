@@ -253,7 +253,6 @@ def main(argv=None):
     if rank == 0:  # atomically: the other processes may be reading it in run_config right now
         text = json.dumps(run, indent=1).encode()
         checkpoint.atomic_write(os.path.join(out, "config.json"), lambda f: f.write(text))
-
     # The teacher's folder: --model, or a tiny random SD3 folder (all components) written into OUT
     model_dir = args.model
     if args.random_init == "tiny":
@@ -349,8 +348,9 @@ def main(argv=None):
         # stops the run before the update, so the last checkpoint stays good
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), math.inf).item()
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            raise SystemExit(f"error: non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}; "
-                             f"stopped before the update, the last good checkpoint in {out} is kept")
+            kept = f"the last good checkpoint in {out} is kept" if os.path.isfile(ckpt_path) else "no checkpoint yet"
+            raise SystemExit(f"error: non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step + 1} "
+                             f"(log.jsonl's numbering); stopped before the update, {kept}")
         opt.step()  # line 14: the AdamW update
         # zeroed in place under DDP, so the gradients stay views of DDP's buckets (see above)
         opt.zero_grad(set_to_none=world == 1)

@@ -194,10 +194,15 @@ def test_non_finite_loss_stops_before_the_update(models, data, tmp_path):
     state["proj_out.bias"] = torch.full_like(state["proj_out.bias"], float("nan"))
     save_file(state, weights)
     args[args.index("--steps") + 1] = "4"
-    with pytest.raises(SystemExit, match="non-finite loss .* at step 2"):
-        train_sd3.main(args + ["--resume"])
+    with pytest.raises(SystemExit, match=r"non-finite loss .* at step 3 \(log.jsonl's numbering\); stopped before "
+                                         r"the update, the last good checkpoint in .* is kept"):
+        train_sd3.main(args + ["--resume"])  # steps 1 and 2 are logged, step 3 fails
     assert (out / "checkpoint.pt").read_bytes() == before
     assert len(losses(out)) == 2
+    # a run that fails before its first save says there is no checkpoint, rather than one "kept"
+    fresh = argv((teacher, models[1]), data, tmp_path / "fresh", "cfg", 2, "--preview-every", "0")
+    with pytest.raises(SystemExit, match=r"at step 1 .*stopped before the update, no checkpoint yet"):
+        train_sd3.main(fresh)
 
 
 def error_of(args, capsys):
