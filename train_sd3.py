@@ -257,9 +257,9 @@ def main(argv=None):
     model_dir = args.model
     if args.random_init == "tiny":
         model_dir = os.path.join(out, "random-init", "teacher")
-        if rank == 0 and not os.path.isdir(model_dir):
-            write_tiny_sd3(model_dir, seed=args.seed)
-            write_tiny_sd3(os.path.join(out, "random-init", "weak"), seed=args.seed + 1)
+        for name, seed in (("teacher", args.seed), ("weak", args.seed + 1)):  # each written atomically
+            if rank == 0 and not os.path.isdir(os.path.join(out, "random-init", name)):
+                write_tiny_sd3(os.path.join(out, "random-init", name), seed=seed)
         barrier(world)
         args.weak_model = args.weak_model or os.path.join(out, "random-init", "weak")
     # Stage 1, before the models load, so that encoders and models never share the GPU: every image

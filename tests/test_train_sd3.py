@@ -183,6 +183,29 @@ def test_random_init_tiny_runs_without_data(tmp_path):
     assert len(losses(out)) == 1 and os.path.isdir(out / "student" / "transformer")
 
 
+def test_random_init_stopped_while_writing_does_not_break_the_folder(tmp_path, monkeypatch):
+    # a run stopped while writing the weak model's tiny folder: the retry writes it again and runs
+    from tinyteef.sd3 import tiny
+    out = tmp_path / "rand"
+    args = ["--random-init", "tiny", "--teacher", "w2sd", "--out", str(out), "--resolution", "64",
+            "--batch-size", "2", "--micro-batch", "2", "--steps", "1", "--device", "cpu"]
+    write = tiny.write_t5_tokenizer
+    calls = {"n": 0}
+
+    def stop_in_the_second_folder(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return write(*a, **k)
+    monkeypatch.setattr(tiny, "write_t5_tokenizer", stop_in_the_second_folder)
+    with pytest.raises(KeyboardInterrupt):
+        train_sd3.main(args)
+    assert os.path.isdir(out / "random-init" / "teacher") and not os.path.exists(out / "random-init" / "weak")
+    monkeypatch.setattr(tiny, "write_t5_tokenizer", write)
+    train_sd3.main(args)
+    assert len(losses(out)) == 1 and not os.path.exists(out / "random-init" / "weak.partial")
+
+
 def test_non_finite_loss_stops_before_the_update(models, data, tmp_path):
     teacher = write_tiny_sd3(tmp_path / "teacher", seed=0)
     out = tmp_path / "run"

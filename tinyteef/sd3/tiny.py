@@ -13,6 +13,7 @@ over a fixed list of prompt words, and a unigram vocabulary of those words.
 """
 
 import os
+import shutil
 import string
 from collections import Counter
 from dataclasses import asdict
@@ -173,8 +174,12 @@ def write_tiny_sd3(folder, seed=0, t5=True):
     """Write a tiny random SD3 model (sizes in SIZES) into `folder` in the diffusers layout and
     return the folder path. t5=False leaves out text_encoder_3/ and tokenizer_3/ and marks them
     [null, null] in model_index.json, as diffusers' save_pretrained does for SD3 without T5;
-    diffusers then loads it with from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)."""
-    folder = os.fspath(folder)
+    diffusers then loads it with from_pretrained(folder, text_encoder_3=None, tokenizer_3=None).
+    Atomic: written into FOLDER.partial, then renamed, so that a run stopped halfway leaves no
+    half folder that a later run would take for a whole one."""
+    final = os.fspath(folder).rstrip("/")
+    folder = final + ".partial"
+    shutil.rmtree(folder, ignore_errors=True)  # what a stopped earlier attempt left
     g = torch.Generator().manual_seed(seed)
     merges = learn_merges(WORDS)
     vocab, pieces = clip_vocab(merges), t5_vocab()
@@ -232,4 +237,7 @@ def write_tiny_sd3(folder, seed=0, t5=True):
             "dropout_rate": 0.0, "initializer_factor": 1.0},
             {k: v for k, v in t5_model.state_dict().items() if k != "encoder.embed_tokens.weight"})
         write_t5_tokenizer(os.path.join(folder, "tokenizer_3"), pieces)
-    return folder
+    if os.path.isdir(final) and not os.listdir(final):  # an empty folder made for it (pytest's mktemp)
+        os.rmdir(final)
+    os.replace(folder, final)
+    return final
