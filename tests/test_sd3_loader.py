@@ -149,6 +149,17 @@ def test_text_encoders_from_transformers_folders(tmp_path):
                                   what="T5 last_hidden_state")
 
 
+def test_integer_data_for_a_float_parameter_is_refused(tmp_path):
+    # a header declaring I32 over a float tensor: refused, naming the tensor, not cast to float
+    save_transformer(tmp_path, TINY)
+    weights = tmp_path / "transformer" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    state["proj_out.bias"] = state["proj_out.bias"].view(torch.int32)  # the same bytes, read as integers
+    save_file(state, str(weights))
+    with pytest.raises(ValueError, match=r"proj_out.bias is stored as torch.int32 but the model holds floating"):
+        load_transformer(tmp_path)
+
+
 def test_errors_say_what_is_wrong(tmp_path):
     with pytest.raises(FileNotFoundError, match="no transformer/ folder"):
         load_transformer(tmp_path)

@@ -96,6 +96,11 @@ def load_state(model, state, where):
         if k in ours and ours[k].shape != v.shape:
             raise ValueError(f"{where}: {k} has shape {tuple(v.shape)} in the checkpoint but "
                              f"{tuple(ours[k].shape)} in the model its config describes")
+        # integer or bool data for a floating-point parameter is a damaged or foreign file: loading
+        # would cast it to float silently and sample from nonsense
+        if k in ours and ours[k].is_floating_point() and not (v.is_floating_point() or v.is_complex()):
+            raise ValueError(f"{where}: {k} is stored as {v.dtype} but the model holds floating-point "
+                             f"weights there; the file is damaged or not this model's: re-download it")
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"{where}: the checkpoint fits no known layout: "
