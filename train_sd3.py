@@ -11,8 +11,8 @@ DATA_DIR holds images with captions: NAME.txt beside each image, or a metadata.j
 OUT/cache and frees the encoders. Stage 2 is Alg. 1: the student starts as a copy of the teacher;
 each step draws t ~ U[0, 1] (--t-dist logit-normal: SD3's pre-training draw), w ~ U[w_min, w_max]
 and noise for a batch, asks the frozen teacher sampler (CFG, Z-Sampling or W2SD, in bf16) for its
-velocity target, and fits the student's one pass with the Eq. 7 term in z. The batch (128, as the paper) is split into micro-batches, summed
-by gradient accumulation, and over the processes by DDP.
+velocity target, and fits the student's one pass with the Eq. 7 term in z. The batch (128, as the
+paper) is split into micro-batches, summed by gradient accumulation, and over the processes by DDP.
 
 Every --save-every steps OUT/checkpoint.pt (student, optimizer, step) is written atomically, and
 OUT/student/ is the student as a diffusers-layout SD3 folder (for our sampler and diffusers).
@@ -251,8 +251,8 @@ def main(argv=None):
     if args.resume and not os.path.isfile(ckpt_path):
         raise SystemExit(f"error: --resume: {out} has no checkpoint.pt to continue")
     if rank == 0:  # atomically: the other processes may be reading it in run_config right now
-        text = json.dumps(run, indent=1).encode()
-        checkpoint.atomic_write(os.path.join(out, "config.json"), lambda f: f.write(text))
+        checkpoint.atomic_write(os.path.join(out, "config.json"), lambda f: f.write(json.dumps(run, indent=1).encode()))
+        checkpoint.remove_stale_temps(out)  # what saves killed before their rename left behind
     # The teacher's folder: --model, or a tiny random SD3 folder (all components) written into OUT
     model_dir = args.model
     if args.random_init == "tiny":
@@ -320,7 +320,7 @@ def main(argv=None):
     # float32; on the CPU (the tests) everything is float32
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     # log.jsonl: one line per step (loss, gradient norm, speed, memory), from the first process
-    log_file = open(os.path.join(out, "log.jsonl"), "a") if rank == 0 else None
+    log_file = checkpoint.open_log(os.path.join(out, "log.jsonl"), start) if rank == 0 else None
     bar = tqdm(range(start, args.steps), desc="stage 2: distilling", initial=start, total=args.steps,
                disable=rank != 0)
     # Stage 2: Alg. 1, one optimizer step per batch of --batch-size samples (the paper's 128)

@@ -45,7 +45,8 @@ def main():
     p.add_argument("--weights", choices=["fp32", "bf16"], default="fp32",
                    help="fp32: float32 weights under bf16 autocast, as train_sd3.py; bf16: a bf16 copy computes and "
                         "gradients accumulate in float32 buffers (default fp32)")
-    p.add_argument("--profile", action="store_true", help="also print the 22 longest CUDA kernels of 2 steps and the GPU time by kernel family")
+    p.add_argument("--profile", action="store_true",
+                   help="also print the 22 longest CUDA kernels of 2 steps and the GPU time by kernel family")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("error: this benchmark needs a CUDA GPU")

@@ -206,6 +206,21 @@ def test_random_init_stopped_while_writing_does_not_break_the_folder(tmp_path, m
     assert len(losses(out)) == 1 and not os.path.exists(out / "random-init" / "weak.partial")
 
 
+def test_resume_keeps_each_step_once_in_the_log_and_removes_stale_temps(models, data, tmp_path):
+    # a run killed after logging step 3 but before saving it, and a save killed before its rename:
+    # the resumed run logs steps 3 and 4 once each and deletes the stale temporary file
+    out = tmp_path / "run"
+    args = argv(models, data, out, "cfg", 2, "--preview-every", "0")
+    train_sd3.main(args)
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "loss": 1.0}) + "\n")
+    (out / ".tmp-killed.pt").write_bytes(b"half a checkpoint")
+    args[args.index("--steps") + 1] = "4"
+    train_sd3.main(args + ["--resume"])
+    assert losses(out, "step") == [1, 2, 3, 4]
+    assert not (out / ".tmp-killed.pt").exists()
+
+
 def test_non_finite_loss_stops_before_the_update(models, data, tmp_path):
     teacher = write_tiny_sd3(tmp_path / "teacher", seed=0)
     out = tmp_path / "run"

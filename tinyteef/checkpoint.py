@@ -5,6 +5,7 @@ mid-write leaves the previous checkpoint intact. `load` uses torch.load(weights_
 reads tensors and plain containers only and refuses arbitrary pickled objects.
 """
 
+import json
 import os
 import tempfile
 
@@ -49,3 +50,22 @@ def load(path, map_location="cpu"):
     except Exception as e:
         raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); "
                          "delete it to recompute that stage") from e
+
+
+def remove_stale_temps(folder):
+    """Delete the temporary files that `atomic_write` calls killed before their rename left in
+    `folder` (a kill -9 runs no cleanup; at SD3-medium size each is a 24 GB checkpoint). Only ours:
+    names starting with ".tmp-". Call it when no other process of the run is writing there."""
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        if name.startswith(".tmp-") and os.path.isfile(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
+
+
+def open_log(path, step):
+    """Open a JSON-lines log for appending, first dropping the records of steps after `step`: a
+    resumed run repeats the steps after its checkpoint, and the log should hold each step once."""
+    if os.path.isfile(path):
+        with open(path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        atomic_write(path, lambda f: f.write("".join(kept).encode()))
+    return open(path, "a")

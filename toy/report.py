@@ -151,10 +151,10 @@ def write_report(out, info, table, sweep, grid_methods, grid_ws, sections=()):
     lines += [f"- {k}: {v}" for k, v in info["facts"].items()]
     lines += ["", f"## Samplers and students at w = {info['w']} (paper's convention)", "",
               "| method | effective guidance (first order) | forward passes / step (made) | nominal | ms / image | "
-              "prompt accuracy | Fréchet distance | RMS to its teacher's sample |", "|---|---|---|---|---|---|---|---|"]
+              "prompt accuracy | Fréchet distance | RMS to its teacher's sample |", "|---" * 8 + "|"]
     for name, r in table.items():
-        lines.append(f"| {name} | {r.get('guidance', '—')} | {r['passes']:.3g} | {r['nominal']:.3g} | {r['ms']:.3f} | "
-                     f"{100 * r['accuracy']:.1f}% | {r['fd']:.3f} | {_fmt(r.get('rms'), '.3f')} |")
+        lines.append(f"| {name} | {r.get('guidance', '—')} | {r['passes']:.3g} | {r['nominal']:.3g} | "
+                     f"{r['ms']:.3f} | {100 * r['accuracy']:.1f}% | {r['fd']:.3f} | {_fmt(r.get('rms'), '.3f')} |")
     lines += ["", info["speed_line"], "",
               "Effective guidance: what a step of the sampler (and a student distilled from it) amounts to, "
               "to first order in the step size (tinyteef/distill.py derives it): a reflection step is "
