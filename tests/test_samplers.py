@@ -47,7 +47,9 @@ def test_euler_cfg_and_naive_by_hand():
 def test_one_reflection_step_by_hand():
     # v_strong = x, v_weak = 3x, t = 1 -> 0.5:
     # x' = x - 0.5 x = 0.5 x; x~ = 0.5x + 0.5 * 3 * 0.5x = 1.25 x; x'' = 1.25x - 0.5 * 1.25x = 0.625 x
-    x_tilde, x_next = reflect(X0, 1.0, 0.5, lambda y, t: y, lambda y, t: 3 * y)
+    # (at w = 0 a CFG velocity is the conditional prediction alone: here the net itself)
+    strong, weak = (lambda x, t, tokens, pooled: x), (lambda x, t, tokens, pooled: 3 * x)
+    x_tilde, x_next = reflect(strong, weak, X0, 1.0, 0.5, text(0.0), text(0.0), 0, 0)
     assert torch.allclose(x_tilde, 1.25 * X0) and torch.allclose(x_next, 0.625 * X0)
 
 
@@ -59,11 +61,12 @@ def test_reflection_loop_by_hand():
     # reflected step, 1 on the last, of the nominal 6 + 2.
     c, u, ts = text(0.0, a=1.0), text(0.0, a=3.0), time_grid(2)
     z = samplers.z_sampling(Field(), X0, ts, c, u, 0.0, w_inv=-1.0, reflect_steps=1)
-    weak = lambda x, t, tokens, pooled, extra=None: 3 * x
+    weak = lambda x, t, tokens, pooled: 3 * x
     w2sd = samplers.w2sd(Field(), weak, X0, ts, c, u, 0.0, w_weak=0.0, reflect_steps=1)
     for s in (z, w2sd):
         assert torch.allclose(s.x, 0.3125 * X0)
         assert (s.passes, s.nominal, s.skipped) == (4, 8, 4)
+
 
 def test_z_sampling_with_equal_guidance_on_constant_field_equals_euler_cfg():
     # inverting with the same constant velocity undoes the denoising exactly, so each reflected

@@ -213,7 +213,7 @@ def test_resume_keeps_each_step_once_in_the_log_and_removes_stale_temps(models, 
     args = argv(models, data, out, "cfg", 2, "--preview-every", "0")
     train_sd3.main(args)
     with open(out / "log.jsonl", "a") as f:
-        f.write(json.dumps({"step": 3, "loss": 1.0}) + "\n")
+        f.write(json.dumps({"step": 3, "loss": 1.0}) + "\n" + '{"step": 4, "lo')  # killed mid-write
     (out / ".tmp-killed.pt").write_bytes(b"half a checkpoint")
     args[args.index("--steps") + 1] = "4"
     train_sd3.main(args + ["--resume"])

@@ -66,6 +66,15 @@ def open_log(path, step):
     resumed run repeats the steps after its checkpoint, and the log should hold each step once."""
     if os.path.isfile(path):
         with open(path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+            kept = [line for line in f if _step_of(line) is not None and _step_of(line) <= step]
         atomic_write(path, lambda f: f.write("".join(kept).encode()))
     return open(path, "a")
+
+
+def _step_of(line):
+    """The "step" of one JSON-lines record, or None for a blank line or a record a killed run left
+    half-written (dropped with the steps after the checkpoint)."""
+    try:
+        return json.loads(line).get("step", 0) if line.strip() else None
+    except json.JSONDecodeError:
+        return None

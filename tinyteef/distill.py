@@ -123,18 +123,17 @@ def teacher_target(teacher, x_t, t, w, c: Text, u: Text, config: DistillConfig, 
     Δ, "reach" is CFG at 2w - w_inv (plus, for W2SD, the strong-minus-weak difference) and "refined"
     is CFG at w: the module's docstring derives it, `effective_guidance` names it.
     """
-    v_strong = lambda y, s: guided_velocity(teacher, y, s, c, u, w)
     if config.teacher == "cfg":
-        return v_strong(x_t, t)
+        return guided_velocity(teacher, x_t, t, c, u, w)
     if config.teacher == "w2sd" and weak is None:
         raise ValueError("the w2sd teacher needs a weak model to invert with (Eq. 3)")
     inverter, w_inv = (teacher, config.w_inv) if config.teacher == "zsampling" else (weak, config.w_weak)
     w_inv = w if w_inv is None else w_inv
-    v_weak = lambda y, s: guided_velocity(inverter, y, s, c, u, w_inv)
     t_next = next_t(t, config.sample_steps, config.shift)  # (B,), < t
     if config.reflection_target == "refined":  # Eq. 3 only: the second denoising is not needed
-        return v_strong(reflected_point(x_t, t, t_next, v_strong, v_weak), t)
-    _, x_next = reflect(x_t, t, t_next, v_strong, v_weak)
+        x_tilde = reflected_point(teacher, inverter, x_t, t, t_next, c, u, w, w_inv)
+        return guided_velocity(teacher, x_tilde, t, c, u, w)
+    _, x_next = reflect(teacher, inverter, x_t, t, t_next, c, u, w, w_inv)
     dt = (t_next - t).reshape(-1, *([1] * (x_t.ndim - 1)))
     return (x_next - x_t) / dt
 

@@ -75,25 +75,26 @@ def steps(ts, progress=False):
     return tqdm(range(len(ts) - 1), desc="sampling", disable=not progress, leave=False)
 
 
-def reflected_point(x, t, t_next, v_strong, v_weak):
-    """Eq. 3, the first half of a reflection step from t down to t_next (< t):
+def reflected_point(strong, weak, x, t, t_next, c: Text, u: Text, w, w_weak):
+    """Eq. 3, the first half of a reflection step from t down to t_next (< t), with v_strong the
+    CFG velocity (Eq. 2) of the net `strong` at w and v_weak that of `weak` at w_weak:
 
         x'  = x  + (t_next - t) v_strong(x, t)        denoise
         x~  = x' + (t - t_next) v_weak(x', t_next)    invert (M_w^inv)
 
     Returns x~. The inversion evaluates the weak velocity at the less noisy point (x', t_next):
-    explicit Euler run upwards (flow.euler_invert), exact on constant fields only. v_strong and
-    v_weak are velocity functions v(y, s) (distill.teacher_target's).
+    explicit Euler run upwards (flow.euler_invert), exact on constant fields only. The samplers'
+    loop and distill.teacher_target both reflect through here (and `reflect`).
     """
-    x_prime = euler_step(x, v_strong(x, t), t, t_next)
-    return euler_invert(x_prime, v_weak(x_prime, t_next), t_next, t)
+    x_prime = euler_step(x, guided_velocity(strong, x, t, c, u, w), t, t_next)  # (B, C, H, W)
+    return euler_invert(x_prime, guided_velocity(weak, x_prime, t_next, c, u, w_weak), t_next, t)
 
 
-def reflect(x, t, t_next, v_strong, v_weak):
+def reflect(strong, weak, x, t, t_next, c: Text, u: Text, w, w_weak):
     """One step with reflection, Eq. 3-4: x~ from Eq. 3 (reflected_point), then denoise again,
     x_next = x~ + (t_next - t) v_strong(x~, t) (Eq. 4). Returns (x~, x_next)."""
-    x_tilde = reflected_point(x, t, t_next, v_strong, v_weak)
-    return x_tilde, euler_step(x_tilde, v_strong(x_tilde, t), t, t_next)
+    x_tilde = reflected_point(strong, weak, x, t, t_next, c, u, w, w_weak)
+    return x_tilde, euler_step(x_tilde, guided_velocity(strong, x_tilde, t, c, u, w), t, t_next)
 
 
 @torch.no_grad()
@@ -153,15 +154,10 @@ def reflection_loop(strong, weak, x, ts, c: Text, u: Text, ws, ws_weak, reflect_
     v_weak CFG at ws_weak[i] with `weak`. Returns x at t = 0, (B, C, H, W)."""
     for i in steps(ts, progress):
         t, t_next = ts[i], ts[i + 1]
-        v = guided_velocity(strong, x, t, c, u, ws[i])  # v_strong(x, t), (B, C, H, W)
-        x_prime = euler_step(x, v, t, t_next)  # Eq. 3: x' = x + (t_next - t) v_strong(x, t)
-        if i < reflect_steps:
-            v_weak = guided_velocity(weak, x_prime, t_next, c, u, ws_weak[i])  # v_weak(x', t_next)
-            x_tilde = euler_invert(x_prime, v_weak, t_next, t)  # Eq. 3: x~ = x' + (t - t_next) v_weak(x', t_next)
-            v_tilde = guided_velocity(strong, x_tilde, t, c, u, ws[i])  # v_strong(x~, t)
-            x = euler_step(x_tilde, v_tilde, t, t_next)  # Eq. 4: x_next = x~ + (t_next - t) v_strong(x~, t)
-        else:
-            x = x_prime  # an unreflected step: x' is Euler + CFG's x_next
+        if i < reflect_steps:  # Eq. 3-4: denoise to x', invert to x~, denoise again
+            _, x = reflect(strong, weak, x, t, t_next, c, u, ws[i], ws_weak[i])
+        else:  # Euler + CFG: x + (t_next - t) v_strong(x, t)
+            x = euler_step(x, guided_velocity(strong, x, t, c, u, ws[i]), t, t_next)
     return x
 
 
