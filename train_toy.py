@@ -4,6 +4,7 @@
     python train_toy.py --data shapes                      # generated in code, needs nothing
     python train_toy.py --data fashion-mnist --data-root /usr/share/datasets/fashion-mnist
     python train_toy.py --preset smoke --device cpu        # every stage, tiny, in about 75 s on 2 cores
+    python train_toy.py --compile off                      # the eager path on a GPU (default: graphs)
 
 Stages, each cached in --out and skipped when its result is there (a stopped run resumes):
   1. evaluator  a classifier of the real data: prompt accuracy and Fréchet distance of samples
@@ -26,7 +27,6 @@ import copy
 import dataclasses
 import json
 import os
-import re
 import time
 
 import torch
@@ -43,11 +43,13 @@ from toy import data as toydata
 from toy import fidelity, negative
 from toy.colour import colour_stats
 from toy.evaluator import Evaluator, train_evaluator
-from toy.report import (colour_section, curve_section, fidelity_section, run_facts, save_grid, save_w_grid,
-                        schedule_section, write_report)
+from toy.fast import COMPILE_MODES, adamw, compiled
+from toy.report import (colour_section, curve_section, fidelity_section, run_facts, schedule_section,
+                        write_report)
 from toy.methods import STUDENTS, distill_config, method_at, row_guidance, student_method, teacher_methods
 from toy.presets import PRESETS, mmdit_config
-from toy.scoring import Scorer, autocast, spread
+from toy.scoring import Scorer, autocast, score, stage_sweep
+from toy.staging import Clock, staged
 from toy.text import PromptBank, TextEncoder, Tokenizer
 
 
@@ -63,6 +65,10 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="output folder (default runs/toy-DATA-PRESET)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", choices=COMPILE_MODES, default=None,
+                   help="the fast path (toy/fast.py): off = eager; fuse = torch.compile; graphs = also CUDA "
+                        "graphs, each fixed-shape call recorded once and replayed (default: graphs on a GPU, off "
+                        "on a CPU)")
     p.add_argument("--teefusion-divisor", type=float, default=None,
                    help="divide Eq. 7's term by this (default 1, the paper's Eq. 7; the authors' SD3 code: 256)")
     return p.parse_args(argv)
@@ -77,16 +83,6 @@ def ema_update(ema, model, decay):
     the trained weights (as SD3's and DiT's released models are): smoother samples at equal steps."""
     with torch.no_grad():
         torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
-
-
-def staged(path, compute):
-    """Load a stage's result from `path`, or compute it and save it there (atomically): how every
-    stage is cached, so that a stopped run resumes where it was and a finished one re-reports fast."""
-    if os.path.exists(path):
-        return checkpoint.load(path)
-    result = compute()
-    checkpoint.save(result, path)
-    return result
 
 
 def random_rows(g, n, size):
@@ -125,9 +121,10 @@ def teacher_loss(model, text, x0, ids, g):
     return F_.mse_loss(model(interpolate(x0, eps, t), t, c.tokens, c.pooled).float(), velocity_target(x0, eps))
 
 
-def stage_teacher(data, P, device, out, seed):
+def stage_teacher(data, P, device, out, seed, mode):
     """Stage 2: the teacher, an MMDiT trained by flow matching with its tiny text encoder, with EMA;
     the EMA at 60% of the steps is kept as W2SD's weak model. Resumable (OUT/teacher.partial.pt).
+    `mode`: toy/fast.py's compile mode.
     Returns (EMA teacher, weak model, text encoder, tokenizer, loss curve)."""
     path, partial = os.path.join(out, "teacher.pt"), os.path.join(out, "teacher.partial.pt")
     torch.manual_seed(seed)  # the same initial weights whichever stages ran before in this process
@@ -138,7 +135,9 @@ def stage_teacher(data, P, device, out, seed):
         len(tokenizer), P.text_len, P.text_width, P.text_layers, pooled_dim=P.text_width).to(device)
     ema, weak = copy.deepcopy(model), copy.deepcopy(model)
     if not os.path.exists(path):
-        opt = torch.optim.AdamW([*model.parameters(), *text.parameters()], lr=P.lr, weight_decay=0.0)
+        opt = adamw([*model.parameters(), *text.parameters()], P.lr, fused=mode != "off")
+        # the nets as the loop calls them (toy/fast.py); `model` and `text` are what is saved
+        net, fast_text = compiled(model, mode), compiled(text, mode)
         g = torch.Generator(device).manual_seed(seed)  # every draw of this stage: data, prompts, t, noise
         state = {"step": 0, "losses": []}
         if os.path.exists(partial):  # resume: weights, EMA, weak snapshot, optimizer and the generator
@@ -159,7 +158,7 @@ def stage_teacher(data, P, device, out, seed):
             drop = torch.rand(P.batch, generator=g, device=device) < P.drop
             ids = torch.where(drop[:, None], bank.empty, ids)  # 10% empty prompts teach v(∅)
             with autocast(device):
-                loss = teacher_loss(model, text, toydata.to_float(x_all[rows]), ids, g)
+                loss = teacher_loss(net, fast_text, toydata.to_float(x_all[rows]), ids, g)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -185,14 +184,16 @@ def stage_teacher(data, P, device, out, seed):
 
 
 # ---------------------------------------------------------------------------------------------
-# stages 3-8: scoring samplers and students, distilling, schedule, negative prompts, fidelity, report
+# stage 4: distilling (stages 3 and 5-8 score and report through toy/scoring.py and toy/report.py)
 
 
-def stage_students(data, P, device, out, seed, teacher, weak, text, bank, kind):
+def stage_students(data, P, device, out, seed, teacher, weak, text, bank, kind, mode):
     """Alg. 1 from one teacher sampler `kind`: every student of STUDENTS that uses it, trained on
-    the same targets (one teacher target per batch, several students).
+    the same targets (one teacher target per batch, several students). `mode`: toy/fast.py's
+    compile mode, for the frozen teacher and weak model and the students.
     Returns ({name: Student}, their loss curves {name: [(step, loss)]})."""
     names = [n for n, spec in STUDENTS.items() if spec.teacher == kind]
+    fast_teacher, fast_weak = compiled(teacher, mode), compiled(weak, mode)  # for the targets
     torch.manual_seed(seed)  # DistillCFG's H starts the same whichever stages ran before
     # one AdamW per student; all of them read the teacher's target of the same batch, which is
     # computed once (a W2SD+CFG target costs 6 teacher passes per sample)
@@ -203,7 +204,8 @@ def stage_students(data, P, device, out, seed, teacher, weak, text, bank, kind):
         students.append(Student(copy.deepcopy(teacher).requires_grad_(True).train(), spec.kind, H,
                                 P.teefusion_divisor if spec.divisor is None else spec.divisor, (P.w_min, P.w_max)))
     path, partial = os.path.join(out, f"students_{kind}.pt"), os.path.join(out, f"students_{kind}.partial.pt")
-    opts = [torch.optim.AdamW(s.parameters(), lr=P.distill_lr, weight_decay=0.0) for s in students]
+    opts = [adamw(s.parameters(), P.distill_lr, fused=mode != "off") for s in students]
+    fast_students = [compiled(s, mode) for s in students]
     if not os.path.exists(path):
         config = distill_config(P, kind)
         for s in students:
@@ -230,16 +232,16 @@ def stage_students(data, P, device, out, seed, teacher, weak, text, bank, kind):
                 # lines 4-7: t ~ p(t), w ~ U[w_min, w_max], eps ~ N(0, I); x_t = (1 - t) x0 + t eps
                 x_t, t, w = sample_training_point(toydata.to_float(x_all[rows]), config, g)
                 # lines 8-11: the teacher sampler's velocity at (x_t, t, w), once for all its students
-                target = teacher_target(teacher, x_t, t, w, c, u, config, weak)
+                target = teacher_target(fast_teacher, x_t, t, w, c, u, config, fast_weak)
                 losses = []
-                for s in students:
+                for s, o in zip(fast_students, opts):
                     # lines 12-13: the student's one pass with z^ (Eq. 7 or a baseline's), MSE
                     loss = student_loss(s, x_t, t, w, c, u, target)
                     loss.backward()
-                    losses.append(loss.item())
-            for o in opts:  # line 14: the update
-                o.step()
-                o.zero_grad(set_to_none=True)
+                    o.step()  # line 14: the update (the students are independent: each as it is ready)
+                    o.zero_grad(set_to_none=True)
+                    losses.append(loss.detach())
+                losses = [v.item() for v in losses]  # one wait for the GPU per step, not one per student
             if step % 10 == 0:
                 state["losses"].append((step, *losses))
                 bar.set_postfix(loss=" ".join(f"{v:.4f}" for v in losses))
@@ -257,37 +259,6 @@ def stage_students(data, P, device, out, seed, teacher, weak, text, bank, kind):
     return dict(zip(names, students)), curves
 
 
-def score(scorer, out, name, method, teacher_x=None, timing=True):
-    """Score one method (cached in OUT/scores/), save its grid of samples, return its table row;
-    with `teacher_x`, the samples of the teacher row it imitates, also the RMS distance to them."""
-    slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-
-    def compute():  # samples, prompt accuracy, Fréchet distance, passes and (with timing) ms / image
-        r, x = scorer.score(method, timing=timing)
-        save_grid(spread(x, 64), os.path.join(out, f"{slug}.png"))
-        return {**r, "x": toydata.to_uint8(x)}
-    r = staged(os.path.join(out, "scores", f"{slug}.pt"), compute)
-    if teacher_x is not None:  # the same prompts and noise as the teacher row: how far the student lands
-        diff = toydata.to_float(r["x"]) - toydata.to_float(teacher_x)
-        r["rms"] = diff.square().mean().sqrt().item()
-    return {**r, "grid": f"{slug}.png"}
-
-
-def stage_sweep(scorer, P, out, methods):
-    """Fig. 5a and Fig. 4 in small: every method of `methods` ({name: method as a function of w})
-    scored at each w of P.sweep, and grid_w.png (rows w, blocks methods, same prompts and noise)."""
-    def compute():
-        rows, grid = {}, {}
-        for w in tqdm(P.sweep, desc="w sweep"):
-            rows[w], grid[w] = {}, {}
-            for m, make in methods.items():
-                r, x = scorer.score(make(w), n=max(P.n_eval // 2, 8), timing=False)
-                rows[w][m], grid[w][m] = r, spread(x, 8)
-        save_w_grid(grid, os.path.join(out, "grid_w.png"))
-        return {"rows": rows}
-    return staged(os.path.join(out, "sweep.pt"), compute)
-
-
 def main(argv=None):
     """The whole toy experiment: stages 1-8 in order, each cached in --out (see the docstring)."""
     args = parse_args(argv)
@@ -299,6 +270,7 @@ def main(argv=None):
         P = dataclasses.replace(P, teefusion_divisor=args.teefusion_divisor)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda, but torch sees no GPU; use --device cpu (and --preset smoke)")
+    mode = args.compile or ("graphs" if device.type == "cuda" else "off")  # not part of the run: rounding only
     # the run's folder and what defines the run: another dataset, preset or seed is another run,
     # refused here rather than mixed with the cached stages of this one
     out = args.out or os.path.join("runs", f"toy-{args.data}-{args.preset}")
@@ -324,9 +296,15 @@ def main(argv=None):
         checkpoint.atomic_write(first_path, lambda f: f.write(str(started).encode()))
     with open(first_path) as f:
         first = float(f.read())
+    clock = Clock(out)  # each stage's seconds, for the report's timing table
     # stages 1 and 2: the evaluator, then the teacher with its text encoder and W2SD's weak model
-    evaluator, ev = stage_evaluator(data, P, device, out, args.seed)
-    teacher, weak, text, tokenizer, teacher_losses = stage_teacher(data, P, device, out, args.seed)
+    with clock.stage("1 evaluator"):
+        evaluator, ev = stage_evaluator(data, P, device, out, args.seed)
+    with clock.stage("2 teacher"):
+        teacher, weak, text, tokenizer, teacher_losses = stage_teacher(data, P, device, out, args.seed, mode)
+    # the frozen nets as every later stage calls them (compiled on the fast path); the plain modules
+    # stay for copying into students and for saving
+    fast_teacher, fast_weak = compiled(teacher, mode), compiled(weak, mode)
     # every method is scored on the same held-out prompts and noise, so rows compare like with like
     bank = PromptBank(data, tokenizer, device)
     scorer = Scorer(data, P, device, evaluator, text, bank, args.seed)
@@ -335,28 +313,33 @@ def main(argv=None):
               "teacher (flow matching)": {"teacher": teacher_losses}}
 
     # stage 3: the teacher's samplers at the table's w
-    table = {name: score(scorer, out, name, m) for name, m in teacher_methods(teacher, weak, P.w).items()}
+    with clock.stage("3 samplers"):
+        table = {name: score(scorer, out, name, m)
+                 for name, m in teacher_methods(fast_teacher, fast_weak, P.w).items()}
 
     # stage 4: Alg. 1 from each guided sampler, then each student scored beside the row it imitates
     students = {}
     for kind, label in (("cfg", "Euler+CFG"), ("zsampling", "Z-Sampling+CFG"), ("w2sd", "W2SD+CFG")):
-        found, curves[f"students from {label} (Alg. 1)"] = stage_students(
-            data, P, device, out, args.seed, teacher, weak, text, bank, kind)
-        students.update(found)
-    for name, s in students.items():
-        table[name] = score(scorer, out, name, student_method(s, P.w), table[STUDENTS[name].imitates]["x"])
+        with clock.stage(f"4 students from {label}"):
+            found, curves[f"students from {label} (Alg. 1)"] = stage_students(
+                data, P, device, out, args.seed, teacher, weak, text, bank, kind, mode)
+        students.update({name: compiled(s, mode) for name, s in found.items()})
+    with clock.stage("4 students scored"):
+        for name, s in students.items():
+            table[name] = score(scorer, out, name, student_method(s, P.w), table[STUDENTS[name].imitates]["x"])
     for name, r in table.items():  # what each row amounts to, to first order in the step
         r["guidance"] = row_guidance(name, P)
 
     # the w sweep (Fig. 5a, Fig. 4): the W2SD+CFG teacher and three of its students, at every w of
     # the preset's sweep over the paper's range [2, 14]: does the student still respond to w?
-    at = {name: method_at(name, students, teacher, weak) for name in (
+    at = {name: method_at(name, students, fast_teacher, fast_weak) for name in (
         "Teacher Euler+CFG", "TeEFusion from Euler+CFG", "Teacher W2SD+CFG", "TeEFusion from W2SD+CFG",
         "TeEFusion, term / 256 (authors' SD3 code), from W2SD+CFG", "DistillCFG from W2SD+CFG")}
     sweep_methods = {"W2SD+CFG": at["Teacher W2SD+CFG"], "TeEFusion": at["TeEFusion from W2SD+CFG"],
                      "TeEFusion / 256": at["TeEFusion, term / 256 (authors' SD3 code), from W2SD+CFG"],
                      "DistillCFG": at["DistillCFG from W2SD+CFG"]}
-    sweep = stage_sweep(scorer, P, out, sweep_methods)
+    with clock.stage("w sweep"):
+        sweep = stage_sweep(scorer, P, out, sweep_methods)
 
     # stage 5: a ramp from w_min (noise) to 2 w - w_min (data), mean w, against the constant w, at
     # equal cost (beyond the paper: does a schedule help the teachers and their students alike?)
@@ -364,26 +347,29 @@ def main(argv=None):
     ramp_name = f"w ramp {ramp.w_start:g} → {ramp.w_end:g}"
     pairs = {name: at[name] for name in ("Teacher Euler+CFG", "TeEFusion from Euler+CFG", "Teacher W2SD+CFG",
                                          "TeEFusion from W2SD+CFG")}
-    schedule = {name: {"constant": table[name],
-                       "schedule": score(scorer, out, f"{name}, {ramp_name}", make(ramp), timing=False)}
-                for name, make in pairs.items()}
+    with clock.stage("5 schedule"):
+        schedule = {name: {"constant": table[name],
+                           "schedule": score(scorer, out, f"{name}, {ramp_name}", make(ramp), timing=False)}
+                    for name, make in pairs.items()}
     # stage 6: negative prompts, on the same samplers at the table's w: the students were distilled
     # with ∅ only, so this measures what they do with a prompt in ∅'s place
-    negated = staged(os.path.join(out, "negative.pt"),
-                     lambda: negative.measure(scorer, {name: make(P.w) for name, make in pairs.items()}))
+    with clock.stage("6 negative"):
+        negated = staged(os.path.join(out, "negative.pt"),
+                         lambda: negative.measure(scorer, {name: make(P.w) for name, make in pairs.items()}))
     # stage 7: each student's error against its teacher's target over (w, t), on held-out images:
     # the distillation loss of Alg. 1 evaluated on a grid, inside and outside the trained w range
-    fid = staged(os.path.join(out, "fidelity.pt"), lambda: fidelity.measure(
-        {name: (s, STUDENTS[name].teacher) for name, s in students.items()}, teacher, weak, text, bank, data,
-        {kind: distill_config(P, kind) for kind in ("cfg", "zsampling", "w2sd")}, min(P.distill_batch // 2, 64),
-        device, args.seed + 3))
+    with clock.stage("7 fidelity"):
+        fid = staged(os.path.join(out, "fidelity.pt"), lambda: fidelity.measure(
+            {name: (s, STUDENTS[name].teacher) for name, s in students.items()}, fast_teacher, fast_weak, text,
+            bank, data, {kind: distill_config(P, kind) for kind in ("cfg", "zsampling", "w2sd")},
+            min(P.distill_batch // 2, 64), device, args.seed + 3))
 
     # stage 8: the report: the main table with each row's effective guidance, the sweep, the extra
     # sections and figures, and the run's facts
     sections = [schedule_section(schedule, ramp, P.w), negative.section(negated, data.attributes, P.w),
                 fidelity_section(out, fid, (P.w_min, P.w_max)),
                 colour_section(out, sweep["rows"], list(sweep_methods), colour_stats(data.test_x)),
-                curve_section(out, curves)]
+                curve_section(out, curves), clock.section()]
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     info = run_facts(args.data, args.preset, P, device_name, ev["accuracy"], teacher, table,
                      time.time() - started, time.time() - first)

@@ -32,7 +32,7 @@ def counted(fn, calls):
 def test_stopped_teacher_resumes_exactly(tmp_path, monkeypatch):
     data = toydata.load("shapes", limit=TINY.limit)
     dev = torch.device("cpu")
-    whole = train_toy.stage_teacher(data, TINY, dev, str(tmp_path / "whole"), 0)[0]
+    whole = train_toy.stage_teacher(data, TINY, dev, str(tmp_path / "whole"), 0, "off")[0]
 
     calls = {"n": 0}
     update = train_toy.ema_update
@@ -44,11 +44,11 @@ def test_stopped_teacher_resumes_exactly(tmp_path, monkeypatch):
         update(ema, model, decay)
     monkeypatch.setattr(train_toy, "ema_update", stop_at_step_15)
     with pytest.raises(Stop):
-        train_toy.stage_teacher(data, TINY, dev, str(tmp_path / "resumed"), 0)
+        train_toy.stage_teacher(data, TINY, dev, str(tmp_path / "resumed"), 0, "off")
     assert os.path.exists(tmp_path / "resumed" / "teacher.partial.pt")
     calls["n"] = 0  # the resumed run counts its own steps: it continues from step 10 of 20
     monkeypatch.setattr(train_toy, "ema_update", counted(update, calls))
-    resumed = train_toy.stage_teacher(data, TINY, dev, str(tmp_path / "resumed"), 0)[0]
+    resumed = train_toy.stage_teacher(data, TINY, dev, str(tmp_path / "resumed"), 0, "off")[0]
     assert calls["n"] == TINY.teacher_steps - 10  # not started again from step 0
     assert not os.path.exists(tmp_path / "resumed" / "teacher.partial.pt")
     assert list(whole.state_dict()) == list(resumed.state_dict())
@@ -61,10 +61,10 @@ def test_stopped_students_resume_exactly(tmp_path, monkeypatch):
     P = dataclasses.replace(TINY, distill_steps=6, save_every=3)
     data = toydata.load("shapes", limit=P.limit)
     dev = torch.device("cpu")
-    teacher, weak, text, tokenizer, _ = train_toy.stage_teacher(data, P, dev, str(tmp_path / "t"), 0)
+    teacher, weak, text, tokenizer, _ = train_toy.stage_teacher(data, P, dev, str(tmp_path / "t"), 0, "off")
     bank = train_toy.PromptBank(data, tokenizer, dev)
     args = (data, P, dev)
-    run = lambda out: train_toy.stage_students(*args, str(out), 0, teacher, weak, text, bank, "w2sd")[0]
+    run = lambda out: train_toy.stage_students(*args, str(out), 0, teacher, weak, text, bank, "w2sd", "off")[0]
     whole = run(tmp_path / "whole")
 
     calls = {"n": 0}

@@ -143,7 +143,10 @@ def student(s: Student, x, ts, c: Text, u: Text, w, progress=False):
     N, net = len(ts) - 1, Counter(s, x.shape[0])
     for i in steps(ts, progress):
         t, t_next = ts[i], ts[i + 1]
-        v = net(x, t, c, u, ws[i])  # v_S(x, t, z^), z^ = G(psi(t)) + F(c) + G(psi(w)) ⊙ F(c - ∅) (Eq. 7)
+        # w as a float64 tensor: the value psi receives is the same as from the number (mmdit.psi_input
+        # rounds it once), and a compiled student (toy/fast.py) is not recompiled for every new w
+        w_i = torch.as_tensor(ws[i], dtype=torch.float64, device=x.device)
+        v = net(x, t, c, u, w_i)  # v_S(x, t, z^), z^ = G(psi(t)) + F(c) + G(psi(w)) ⊙ F(c - ∅) (Eq. 7)
         x = euler_step(x, v, t, t_next)  # x + (t_next - t) v
     return Samples(x, net.passes, N, N)
 

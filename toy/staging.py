@@ -1,0 +1,52 @@
+"""How the toy run's stages are cached and timed in --out: a stage's result is saved when it is
+computed and loaded when it is there (a stopped run resumes, a finished one re-reports fast), and
+the seconds each stage took are summed over the run's invocations in OUT/timing.json, for the
+report's per-stage timing table."""
+
+import json
+import os
+import time
+from contextlib import contextmanager
+
+import torch
+
+from tinyteef import checkpoint
+
+
+def staged(path, compute):
+    """Load a stage's result from `path`, or compute it and save it there (atomically)."""
+    if os.path.exists(path):
+        return checkpoint.load(path)
+    result = compute()
+    checkpoint.save(result, path)
+    return result
+
+
+class Clock:
+    """Wall seconds per stage, summed over every invocation of the run (a resumed stage adds the
+    time of each part; a stage loaded from the cache adds the little its loading takes)."""
+
+    def __init__(self, out):
+        self.path = os.path.join(out, "timing.json")
+        self.seconds = {}
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                self.seconds = json.load(f)
+
+    @contextmanager
+    def stage(self, name):
+        start = time.perf_counter()
+        yield
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # the GPU's queued work belongs to this stage
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        checkpoint.atomic_write(self.path, lambda f: f.write(json.dumps(self.seconds, indent=1).encode()))
+
+    def section(self):
+        """The report's table: seconds and share of each stage. Returns (title, lines)."""
+        total = sum(self.seconds.values())
+        lines = ["Wall seconds of each stage, summed over the run's invocations (compilation included, on "
+                 "the fast path); the rest of the end-to-end time is start-up and data loading.", "",
+                 "| stage | seconds | share |", "|---|---|---|"]
+        lines += [f"| {name} | {s:.1f} | {s / total:.0%} |" for name, s in self.seconds.items()]
+        return "Time per stage", lines + [f"| total | {total:.1f} | 100% |"]
