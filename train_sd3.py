@@ -15,7 +15,8 @@ velocity target, and fits the student's one pass with the Eq. 7 term in z. The b
 paper) is split into micro-batches, summed by gradient accumulation, and over the processes by DDP.
 
 Every --save-every steps OUT/checkpoint.pt (student, optimizer, step) is written atomically, and
-OUT/student/ is the student as a diffusers-layout SD3 folder (for our sampler and diffusers).
+OUT/student is the student as a diffusers-layout SD3 folder (a link to the newest OUT/student.N, swapped in
+one rename). Both are complete at every instant: a kill while saving leaves the last ones.
 `--resume` continues a run exactly: every random draw of a step comes from a generator seeded by
 (--seed, step, micro-batch), so the step index is the whole random state, for any process count.
 """
@@ -38,11 +39,11 @@ from tqdm.auto import tqdm
 from tinyteef import checkpoint
 from tinyteef.bench import Meter
 from tinyteef.distill import (REFLECTION_TARGETS, TEACHERS, DistillConfig, check_w_range, effective_guidance,
-                              sample_training_point, student_loss, teacher_target)
+                              sample_training_point, step_problem, student_loss, teacher_target, weights_norm)
 from tinyteef.flow import T_DISTS, shift, time_grid
 from tinyteef.guidance import STUDENT_KINDS, TEEFUSION_DIVISOR, DistillCFG, Student
 from tinyteef.mmdit import MMDiT, MMDiTConfig
-from tinyteef.sd3 import cache
+from tinyteef.sd3 import cache, checks
 from tinyteef.sd3.loader import load_transformer, load_vae, save_student
 from tinyteef.sd3.sample import SD3_T_MIN, preview
 from tinyteef.sd3.tiny import randomize, write_tiny_sd3
@@ -118,32 +119,17 @@ def parse_args(argv=None):
     s.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    # what the flags must agree on: where the models and data come from, and the sizes
-    if args.random_init is None and (args.model is None or args.data is None):
-        p.error("give --model DIR and --data DIR (or --random-init tiny|sd3-medium to try it without downloads)")
-    if args.random_init is not None and args.model is not None:
-        p.error("--random-init replaces --model; give one of them")
-    if args.random_init == "sd3-medium" and args.data is not None:
-        p.error("--random-init sd3-medium builds no VAE or text encoders and trains on random tensors: "
-                "leave out --data")
-    if args.teacher == "w2sd" and args.weak_model is None and args.random_init is None:
-        p.error("--teacher w2sd needs --weak-model DIR: W2SD reflects each step by inverting with a weak model "
-                "(Eq. 3), a weaker model of the same architecture, e.g. an earlier or less trained checkpoint "
-                "of the teacher; or use --teacher zsampling, which reflects with the teacher itself")
-    # a student refuses any w outside the range it is distilled on (guidance.Student.check_w)
-    if args.preview_every and args.data is not None and not args.w_min <= args.preview_w <= args.w_max:
-        p.error(f"--preview-w {args.preview_w:g} must lie in [--w-min, --w-max] = [{args.w_min:g}, {args.w_max:g}], "
-                "the range the student is distilled on")
-    if args.resolution % 16:
-        p.error(f"--resolution must be a multiple of 16 (VAE 8x, patch 2), got {args.resolution}")
-    if args.micro_batch < 1 or args.batch_size % args.micro_batch:
-        p.error(f"--batch-size {args.batch_size} must be a multiple of --micro-batch {args.micro_batch}")
     for flag in ("model", "weak_model", "data"):  # absolute paths: config.json must name the same run
         v = getattr(args, flag)
         if v is not None:
             if not os.path.isdir(v):
                 p.error(f"--{flag.replace('_', '-')} {v}: no such folder")
             setattr(args, flag, os.path.abspath(v))
+    # what the flags must agree on, among themselves (sizes, ranges, the device) and with the models'
+    # config files (resolution and position table, the weak model's inputs): a table in sd3/checks.py
+    error = checks.flag_error(args) or checks.model_error(args)
+    if error:
+        p.error(error)
     return args
 
 
@@ -151,20 +137,6 @@ def log0(rank, *msg):
     """print, from the first process only."""
     if rank == 0:
         print(*msg, flush=True)
-
-
-def run_config(args, out):
-    """config.json of the run in `out`: written at the start, compared on every later start."""
-    run = {k: getattr(args, k) for k in RUN_KEYS}
-    path = os.path.join(out, "config.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            old = json.load(f)
-        for k in RUN_KEYS:
-            if old.get(k) != run[k]:
-                raise SystemExit(f"error: {out} holds a run with --{k.replace('_', '-')} {old.get(k)!r}, this one "
-                                 f"asks for {run[k]!r}; use another --out, or delete {out} to start over")
-    return run
 
 
 def load_models(args, model_dir, device):
@@ -228,6 +200,7 @@ def barrier(world):
         dist.barrier()
 
 
+@checks.one_line_errors  # a full disk or a read-only --out: one line naming the file, not a traceback
 def main(argv=None):
     args = parse_args(argv)
     # Processes: one, or one per GPU under torchrun (which sets WORLD_SIZE, RANK and LOCAL_RANK);
@@ -243,14 +216,15 @@ def main(argv=None):
     if (args.batch_size // args.micro_batch) % world:
         raise SystemExit(f"error: --batch-size {args.batch_size} / --micro-batch {args.micro_batch} micro-batches "
                          f"cannot be split over {world} processes; make it a multiple of {world}")
-    # The run's folder: its config.json defines the run, so a --resume that changes it is refused
+    # The run's folder: its config.json (and checkpoint.pt) define the run, so a --resume that changes
+    # it is refused; every check passes (writable, checkpoint readable, data listed) before it is written
     out, ckpt_path = args.out, os.path.join(args.out, "checkpoint.pt")
-    run = run_config(args, out)
-    if os.path.isfile(ckpt_path) and not args.resume:
-        raise SystemExit(f"error: {out} holds a checkpoint; pass --resume to continue it, or use another --out")
-    if args.resume and not os.path.isfile(ckpt_path):
-        raise SystemExit(f"error: --resume: {out} has no checkpoint.pt to continue")
-    if rank == 0:  # atomically: the other processes may be reading it in run_config right now
+    run = {k: getattr(args, k) for k in RUN_KEYS}
+    try:
+        items = checks.check_run(args, run)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    if rank == 0:  # atomically: the other processes may be reading it in check_run right now
         checkpoint.atomic_write(os.path.join(out, "config.json"), lambda f: f.write(json.dumps(run, indent=1).encode()))
         checkpoint.remove_stale_temps(out)  # what saves killed before their rename left behind
     # The teacher's folder: --model, or a tiny random SD3 folder (all components) written into OUT
@@ -267,7 +241,7 @@ def main(argv=None):
     if args.data is not None:
         try:  # each process encodes its share; the encoders are freed before the models load
             data = cache.build(os.path.join(out, "cache"), model_dir, args.data, args.resolution, args.t5_length,
-                               args.cache_batch, device, rank, world)
+                               args.cache_batch, device, rank, world, items)
         except ValueError as e:
             raise SystemExit(f"error: {e}")
         log0(rank, f"data: {len(data)} images cached in {os.path.join(out, 'cache')}"
@@ -345,13 +319,17 @@ def main(argv=None):
             dist.all_reduce(total)
         loss = total.item() / A
         # the gradient's norm is logged, not clipped (max_norm inf); a non-finite loss or gradient
-        # stops the run before the update, so the last checkpoint stays good
+        # stops the run before the update, an absurd update (--lr 1e30) before it is saved, so the
+        # last checkpoint stays good
         grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), math.inf).item()
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        problem = step_problem(step + 1, loss, grad_norm)
+        if problem is None:
+            before = weights_norm(student)
+            opt.step()  # line 14: the AdamW update
+            problem = step_problem(step + 1, loss, grad_norm, before, weights_norm(student))
+        if problem:
             kept = f"the last good checkpoint in {out} is kept" if os.path.isfile(ckpt_path) else "no checkpoint yet"
-            raise SystemExit(f"error: non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step + 1} "
-                             f"(log.jsonl's numbering); stopped before the update, {kept}")
-        opt.step()  # line 14: the AdamW update
+            raise SystemExit(f"error: {problem}, {kept}")
         # zeroed in place under DDP, so the gradients stay views of DDP's buckets (see above)
         opt.zero_grad(set_to_none=world == 1)
         # timing and logging: the teacher's and weak model's passes were counted and timed (Meter),
@@ -393,7 +371,7 @@ def main(argv=None):
                             c, empty.expand(n), args.preview_w, ts, args.teacher, args.w_inv, args.w_weak)
     if world > 1:
         dist.destroy_process_group()
-    log0(rank, f"done: checkpoint, student and log in {os.path.abspath(out)}")
+    log0(rank, f"done: {'checkpoint, student and ' if args.save_every else ''}log in {os.path.abspath(out)}")
 
 
 if __name__ == "__main__":

@@ -274,12 +274,13 @@ def main(argv=None):
     # the run's folder and what defines the run: another dataset, preset or seed is another run,
     # refused here rather than mixed with the cached stages of this one
     out = args.out or os.path.join("runs", f"toy-{args.data}-{args.preset}")
-    run = {"data": args.data, "preset": dataclasses.asdict(P), "seed": args.seed}
+    run = {"data": args.data, "preset": dataclasses.asdict(P), "seed": args.seed,  # --data-root only when given:
+           **({"data_root": os.path.abspath(args.data_root)} if args.data_root else {})}  # older runs stay valid
     cfg_path = os.path.join(out, "config.json")
     if os.path.exists(cfg_path):
         with open(cfg_path) as f:
             if json.load(f) != json.loads(json.dumps(run)):
-                raise SystemExit(f"error: {out} holds a run with another --data, --preset or --seed; "
+                raise SystemExit(f"error: {out} holds a run with another --data, --data-root, --preset or --seed; "
                                  "use another --out or delete that folder")
     torch.manual_seed(args.seed)
     started = time.time()

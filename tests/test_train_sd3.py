@@ -120,7 +120,7 @@ def test_two_processes_give_the_losses_of_one(models, data, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     torchrun(1, argv(models, data, one, "w2sd", 4, "--preview-every", "0"))
     torchrun(2, argv(models, data, two, "w2sd", 2, "--preview-every", "0"))
-    assert sorted(os.listdir(two)) == ["cache", "checkpoint.pt", "config.json", "log.jsonl", "student"]
+    assert sorted(os.listdir(two)) == ["cache", "checkpoint.pt", "config.json", "log.jsonl", "student", "student.1"]
     torchrun(2, argv(models, data, two, "w2sd", 4, "--preview-every", "0", "--resume"))
     assert len(losses(one)) == 4
     for key in ("loss", "grad_norm"):  # AdamW hides a wrongly scaled gradient; its norm does not

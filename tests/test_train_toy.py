@@ -121,5 +121,5 @@ def test_whole_run_then_cached_then_refused(tmp_path, monkeypatch):
     this, since = map(int, re.search(r"wall time: (\d+) s this invocation, (\d+) s since the first",
                                      open(os.path.join(out, "report.md")).read()).groups())
     assert this < 600 and 7200 <= since < 7200 + 600
-    with pytest.raises(SystemExit, match="another --data, --preset or --seed"):
+    with pytest.raises(SystemExit, match="another --data, --data-root, --preset or --seed"):
         train_toy.main(["--data", "shapes", "--device", "cpu", "--out", out, "--seed", "1"])

@@ -18,21 +18,50 @@ def _umask():
     return mask
 
 
+class _Recording:
+    """A file whose write() remembers the OSError it raised. torch.save turns a failed write (a full
+    disk) into a RuntimeError of its C++ writer ("unexpected pos ..."), naming neither the file nor
+    the cause; atomic_write raises the recorded OSError instead."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
 def atomic_write(path, write):
     """Call write(f) on a temporary file beside `path`, then rename it into place: a reader sees
     the old file or the whole new one, never a part. The file gets the usual permissions (0666
-    less the umask; mkstemp's own are 0600)."""
+    less the umask; mkstemp's own are 0600). A write that fails for the file system's sake (a full
+    disk, a read-only folder) raises an OSError naming `path` (not the temporary file, which is
+    removed)."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
     try:
-        with os.fdopen(fd, "wb") as f:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, path) from e
+    f = None
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            f = _Recording(raw)
             write(f)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        cause = e if isinstance(e, OSError) else getattr(f, "error", None) if isinstance(e, Exception) else None
+        if cause is not None:
+            raise OSError(cause.errno, cause.strerror, path) from e
         raise
 
 
@@ -41,15 +70,16 @@ def save(obj, path):
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def load(path, map_location="cpu"):
-    """Read a checkpoint written by `save`: tensors, numbers, strings, lists and dicts only."""
+def load(path, map_location="cpu", mmap=False, hint="delete it to recompute that stage"):
+    """Read a checkpoint written by `save`: tensors, numbers, strings, lists and dicts only. With
+    mmap=True the tensors stay in the file, mapped, until used (a cheap check that it reads).
+    An unreadable file raises a ValueError naming it, followed by `hint`: what to do."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}; check the path (or delete the folder to start over)")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); "
-                         "delete it to recompute that stage") from e
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); {hint}") from e
 
 
 def remove_stale_temps(folder):

@@ -39,6 +39,7 @@ which, and the toy's report prints it beside every row. (tests/test_distill.py c
 expansion on a smooth nonlinear field: the gap shrinks linearly with Δ.)
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -158,3 +159,32 @@ def check_w_range(student, config: DistillConfig):
     if tuple(w_range) != (config.w_min, config.w_max):
         raise ValueError(f"a student with w_range {tuple(w_range)} would be distilled on w ~ U[{config.w_min:g}, "
                          f"{config.w_max:g}]: give it w_range=(w_min, w_max) of the DistillConfig")
+
+
+# A step may at most double the norm of the student's weights. AdamW moves each weight by about lr
+# (its update is lr m^ / (sqrt(v^) + eps), |m^ / sqrt(v^)| <~ 1), so ||Δθ|| ~ lr sqrt(N) while
+# ||θ|| = rms(θ) sqrt(N): at the paper's lr 5e-6 and SD3's weights (rms ~ 0.02) ||Δθ|| / ||θ|| is
+# ~ 1e-4, four orders below the bound. By the triangle inequality a step with ||Δθ|| <= ||θ|| always
+# passes and every step with ||Δθ|| > 3 ||θ|| fails: the check needs only the norm before and after
+# the update, never a copy of the weights (8 GB at SD3-medium size). --lr 1e30 leaves the weights
+# finite (each at ±1e30) and would be saved as a "good" checkpoint without it.
+MAX_NORM_GROWTH = 2.0
+
+
+def weights_norm(module):
+    """The L2 norm of all of a module's parameters together (inf when it overflows float32)."""
+    return torch.nn.utils.get_total_norm([p.detach() for p in module.parameters()]).item()
+
+
+def step_problem(step, loss, grad_norm, before=None, after=None):
+    """Why optimizer step `step` (counted from 1) must not be kept, in words, or None: a
+    non-finite loss or gradient norm (checked before the update), or an update that took the
+    weights' norm from `before` to a non-finite `after` or beyond MAX_NORM_GROWTH times `before`."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        return (f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step} (log.jsonl's numbering); "
+                "stopped before the update")
+    if after is not None and not (math.isfinite(after) and after <= MAX_NORM_GROWTH * before):
+        return (f"the update of step {step} (log.jsonl's numbering) took the norm of the student's weights from "
+                f"{before:.4g} to {after:.4g}, more than {MAX_NORM_GROWTH:g}x in one step: the learning rate is "
+                "far too large, lower --lr; stopped before saving it")
+    return None

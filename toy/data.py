@@ -14,6 +14,7 @@ import itertools
 import math
 import os
 import re
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -140,8 +141,11 @@ def shape_images(n, generator, chunk=5000):
 
 def read_idx(path, dims):
     """Read an idx file of unsigned bytes with `dims` dimensions (3: images, 1: labels)."""
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        raw = f.read()
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, OSError, zlib.error) as e:  # a truncated .gz (EOFError) or not gzip at all (BadGzipFile)
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e}); delete it and fetch it again") from e
     # Magic number: two zero bytes, type 0x08 (unsigned byte), then the number of dimensions.
     if len(raw) < 4 + 4 * dims or raw[:4] != bytes([0, 0, 8, dims]):
         raise ValueError(f"{path} is not an idx file of {dims}-d unsigned bytes; delete it and fetch it again")

@@ -3,12 +3,17 @@ encoders, once, so that distillation runs with the encoders freed (T5-XXL alone 
 
     CACHE/settings.json            what made the cache (resolution, encoder dtype, T5 length, ...)
     CACHE/empty.safetensors        ∅: the encoding of "" (tokens (1, L, D), pooled (1, P))
-    CACHE/items/0000042.safetensors  x0 (C, h, w) model-space latent, tokens (L, D), pooled (P,)
-    CACHE/index.json               written last: which items decoded, which images were skipped
+    CACHE/items/0000042.safetensors  x0 (C, h, w) model-space latent, tokens (L, D), pooled (P,),
+                                   and in its metadata the source it was made from (see source_of)
+    CACHE/index.json               written last: which items decoded, which images were skipped,
+                                   and the sources of every row
 
 A cache made with other settings is refused: latents and text embeddings from another encoder
-dtype or T5 length have produced NaN losses in other training code. Items are written
-one by one, so a stopped stage 1 resumes where it was.
+dtype or T5 length have produced NaN losses in other training code. Each item records what it
+was made from (image name, size, modification time, caption), so a re-run into the same cache
+re-encodes exactly the items whose image or caption changed, new images and skipped images that
+changed (a corrupt file replaced by a good one). Items are written one by one, so a stopped
+stage 1 resumes where it was.
 """
 
 import json
@@ -20,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import atomic_write
 from ..guidance import Text
-from ..safetensors import load_file, save_file
+from ..safetensors import load_file, read_header, save_file
 from .data import list_items, load_image
 from .loader import load_vae
 from .prompt import SD3_JOINT_DIM, SD3_T5_LENGTH, TextEncoders
@@ -30,6 +35,25 @@ CLIP_LENGTH = 77  # tokens of each CLIP encoder, before T5's in SD3's sequence
 
 def item_path(folder, i):
     return os.path.join(folder, "items", f"{i:07d}.safetensors")
+
+
+def source_of(data_dir, path, caption):
+    """What a cache item is made from: the image's name in the data folder, its size and
+    modification time in ns, and the caption itself. The caption is kept as text, not as its
+    file's time: a file's mtime moves in steps of the kernel's clock tick (a few ms), so a caption
+    edited twice within one tick to the same length would look unchanged."""
+    st = os.stat(path)
+    return {"file": os.path.relpath(path, data_dir), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "caption": caption}
+
+
+def item_source(folder, i):
+    """The source recorded in cache item i, or None when the item is missing, unreadable or was
+    written before items recorded their source."""
+    try:
+        return json.loads(read_header(item_path(folder, i))[1].get("source", "null"))
+    except (OSError, ValueError):
+        return None
 
 
 def check_settings(folder, settings):
@@ -48,13 +72,14 @@ def check_settings(folder, settings):
     atomic_write(path, lambda f: f.write(text))
 
 
-def encode_items(folder, items, rows, encode_text, vae, resolution, batch_size, progress=None):
-    """Encode the items `rows` of `items` [(image path, caption)] that are not cached yet, in
-    batches: x0 = the VAE's posterior mean in model space (a deterministic cache: Alg. 1 draws
-    its own noise around it), tokens and pooled from `encode_text` (a prompt.TextEncoders).
-    Returns the image paths that could not be decoded (skipped, not cached)."""
+def encode_items(folder, items, sources, rows, encode_text, vae, resolution, batch_size, progress=None):
+    """Encode the items `rows` of `items` [(image path, caption)] whose cached item is missing or
+    was made from another source than `sources` (source_of each item), in batches: x0 = the VAE's
+    posterior mean in model space (a deterministic cache: Alg. 1 draws its own noise around it),
+    tokens and pooled from `encode_text` (a prompt.TextEncoders). Returns the image paths that
+    could not be decoded (skipped, not cached)."""
     device = next(vae.parameters()).device
-    todo = [i for i in rows if not os.path.isfile(item_path(folder, i))]
+    todo = [i for i in rows if item_source(folder, i) != sources[i]]
     skipped = []
     for k in range(0, len(todo), batch_size):
         ok, images = [], []
@@ -74,7 +99,8 @@ def encode_items(folder, items, rows, encode_text, vae, resolution, batch_size, 
             text = encode_text([items[i][1] for i in ok])  # tokens (b, L, D), pooled (b, P)
         for j, i in enumerate(ok):
             save_file({"x0": x0[j].float().contiguous(), "tokens": text.tokens[j].contiguous(),
-                       "pooled": text.pooled[j].contiguous()}, item_path(folder, i))
+                       "pooled": text.pooled[j].contiguous()}, item_path(folder, i),
+                      metadata={"source": json.dumps(sources[i])})
     return skipped
 
 
@@ -85,48 +111,57 @@ def write_empty(folder, encode_text):
               os.path.join(folder, "empty.safetensors"))
 
 
-def write_index(folder, items, skipped):
-    """Mark the cache complete: the rows that hold an item, their captions, the skipped images."""
+def write_index(folder, items, sources, skipped):
+    """Mark the cache complete: the rows that hold an item, their captions, the skipped images,
+    and the sources of every row (is_current compares them on the next start)."""
     skipped = set(skipped)
     valid = [i for i, (path, _) in enumerate(items) if path not in skipped]
-    missing = [i for i in valid if not os.path.isfile(item_path(folder, i))]
+    missing = [i for i in valid if item_source(folder, i) != sources[i]]
     if missing:
         raise RuntimeError(f"{len(missing)} cache items were not written (first: row {missing[0]})")
     # atomically: index.json is the mark of a complete cache, so a half-written one must never exist
-    text = json.dumps({"rows": valid, "captions": [items[i][1] for i in valid], "skipped": sorted(skipped)}).encode()
+    text = json.dumps({"rows": valid, "captions": [items[i][1] for i in valid], "skipped": sorted(skipped),
+                       "sources": sources}).encode()
     atomic_write(os.path.join(folder, "index.json"), lambda f: f.write(text))
 
 
-def is_complete(folder):
-    return os.path.isfile(os.path.join(folder, "index.json"))
+def is_current(folder, sources):
+    """Whether the cache is complete and made from exactly these sources: nothing to encode. (One
+    file read; otherwise build compares each item's own record.)"""
+    try:
+        with open(os.path.join(folder, "index.json")) as f:
+            return json.load(f).get("sources") == sources
+    except (OSError, ValueError):
+        return False
 
 
-def build(folder, model_dir, data_dir, resolution, t5_length, batch_size, device, rank=0, world=1):
+def build(folder, model_dir, data_dir, resolution, t5_length, batch_size, device, rank=0, world=1, items=None):
     """The cache of `data_dir` in `folder`, built once and then read: each of the `world` processes
     encodes every world-th image (rank, rank + world, ...), rank 0 writes ∅ and the index. The
     encoders run in bf16 on a GPU (float32 on a CPU), the VAE in float32 (SD3's config asks to
-    upcast it). Returns CachedData."""
+    upcast it). `items`: the folder's data.list_items, when already listed. Returns CachedData."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    items = list_items(data_dir)
-    settings = {"model": model_dir, "data": data_dir, "images": len(items), "resolution": resolution,
-                "encoder_dtype": str(dtype), "t5_length": t5_length}
+    items = list_items(data_dir) if items is None else items
+    sources = [source_of(data_dir, path, caption) for path, caption in items]
+    settings = {"model": model_dir, "data": data_dir, "resolution": resolution, "encoder_dtype": str(dtype),
+                "t5_length": t5_length}
     if rank == 0:
         check_settings(folder, settings)
     if world > 1:
         dist.barrier()
-    if not is_complete(folder):
+    if not is_current(folder, sources):
         encoders = TextEncoders.load(model_dir, device, dtype, t5_length=t5_length)
         vae = load_vae(model_dir, device, torch.float32).eval()
         rows = range(rank, len(items), world)
         with tqdm(total=len(rows), desc="stage 1: encoding", disable=rank != 0) as bar:
-            skipped = encode_items(folder, items, rows, encoders, vae, resolution, batch_size, bar)
+            skipped = encode_items(folder, items, sources, rows, encoders, vae, resolution, batch_size, bar)
         if world > 1:
             gathered = [None] * world
             dist.all_gather_object(gathered, skipped)
             skipped = [s for part in gathered for s in part]
         if rank == 0:
             write_empty(folder, encoders)
-            write_index(folder, items, skipped)
+            write_index(folder, items, sources, skipped)
         del encoders, vae
         if device.type == "cuda":
             torch.cuda.empty_cache()  # hand the encoders' memory back before the models load

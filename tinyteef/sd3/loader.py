@@ -11,6 +11,7 @@ Weights are read with our own safetensors reader: nothing is unpickled.
 import json
 import math
 import os
+import re
 import shutil
 from dataclasses import asdict, fields
 
@@ -278,13 +279,28 @@ def save_student(folder, student, teacher_dir=None, record=None):
     """`folder` as a whole SD3 folder of a distilled student (guidance.Student), in the diffusers
     layout: transformer/ written (H under guidance_in., `record` under "tinyteef" in its
     config.json, read back by load_student), every other component linked to the teacher's folder.
-    Written beside `folder` and swapped in whole, so that a save stopped halfway leaves the last one."""
-    tmp, old = folder.rstrip("/") + ".new", folder.rstrip("/") + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_transformer(tmp, student.model, student.H, {STUDENT_RECORD: record or {}})
+
+    `folder` is a symbolic link to the newest version, `folder.N` beside it: each save writes a whole
+    new version, then replaces the link in one rename (os.replace of a new link over the old one is
+    atomic on POSIX), so `folder` is a complete student at every instant and a save stopped anywhere
+    leaves the previous one. (Two renames of directories, old away and new in, would leave an
+    instant with no `folder`.) The older versions are deleted after the swap, and what a stopped
+    save left is deleted by the next one. A `folder` written as a plain directory before versions
+    existed is moved aside once, the only save with an instant without it."""
+    parent, name = os.path.split(os.path.abspath(folder))
+    version = re.compile(re.escape(name) + r"\.(\d+)")
+    versions = lambda: [v for v in os.listdir(parent) if version.fullmatch(v)]
+    new = f"{name}.{max((int(version.fullmatch(v)[1]) for v in versions()), default=0) + 1}"
+    save_transformer(os.path.join(parent, new), student.model, student.H, {STUDENT_RECORD: record or {}})
     if teacher_dir is not None:
-        link_components(tmp, teacher_dir)
-    if os.path.isdir(folder):
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+        link_components(os.path.join(parent, new), teacher_dir)
+    path, link = os.path.join(parent, name), os.path.join(parent, f".tmp-{name}.link")
+    if os.path.isdir(path) and not os.path.islink(path):
+        os.replace(path, os.path.join(parent, f"{name}.0"))
+    if os.path.lexists(link):
+        os.remove(link)
+    os.symlink(new, link, target_is_directory=True)  # relative: the run's folder may be moved
+    os.replace(link, path)
+    for v in versions():
+        if v != new:
+            shutil.rmtree(os.path.join(parent, v))
