@@ -173,7 +173,8 @@ MAX_NORM_GROWTH = 2.0
 
 def weights_norm(module):
     """The L2 norm of all of a module's parameters together (inf when it overflows float32)."""
-    return torch.nn.utils.get_total_norm([p.detach() for p in module.parameters()]).item()
+    norms = [torch.linalg.vector_norm(p.detach(), dtype=torch.float32) for p in module.parameters()]  # one each
+    return torch.linalg.vector_norm(torch.stack(norms)).item()
 
 
 def step_problem(step, loss, grad_norm, before=None, after=None):
