@@ -40,7 +40,7 @@ from tinyteef.guidance import DistillCFG, Student
 from tinyteef.mmdit import MMDiT
 from tinyteef.schedules import Ramp
 from toy import data as toydata
-from toy import fidelity, negative
+from toy import fidelity, negative, seeds
 from toy.colour import colour_stats
 from toy.evaluator import Evaluator, train_evaluator
 from toy.fast import COMPILE_MODES, adamw, compiled
@@ -65,6 +65,11 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="output folder (default runs/toy-DATA-PRESET)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="several seeds, each the whole run in OUT/seed-S, and OUT/report.md over them (means with "
+                        "95%% intervals, paired comparisons); replaces --seed")
+    p.add_argument("--workers", type=int, default=None,
+                   help="with --seeds: runs at once, one process each (default: one per visible GPU; 1 on a CPU)")
     p.add_argument("--compile", choices=COMPILE_MODES, default=None,
                    help="the fast path (toy/fast.py): off = eager; fuse = torch.compile; graphs = also CUDA "
                         "graphs, each fixed-shape call recorded once and replayed (default: graphs on a GPU, off "
@@ -274,6 +279,8 @@ def main(argv=None):
     # the run's folder and what defines the run: another dataset, preset or seed is another run,
     # refused here rather than mixed with the cached stages of this one
     out = args.out or os.path.join("runs", f"toy-{args.data}-{args.preset}")
+    if args.seeds:
+        return seeds.run(os.path.abspath(__file__), args, mode, out)
     run = {"data": args.data, "preset": dataclasses.asdict(P), "seed": args.seed,  # --data-root only when given:
            **({"data_root": os.path.abspath(args.data_root)} if args.data_root else {})}  # older runs stay valid
     cfg_path = os.path.join(out, "config.json")
@@ -376,6 +383,7 @@ def main(argv=None):
                      time.time() - started, time.time() - first)
     write_report(out, info, table, {"methods": list(sweep_methods), "rows": sweep["rows"]},
                  list(sweep_methods), list(P.sweep), sections)
+    seeds.save_table(out, table)
     print(f"done: report and images in {os.path.abspath(out)}")
 
 

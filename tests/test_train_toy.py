@@ -2,6 +2,7 @@
 stages are not recomputed, and a folder of another configuration is refused."""
 
 import dataclasses
+import json
 import os
 import re
 import time
@@ -108,8 +109,19 @@ def test_whole_run_then_cached_then_refused(tmp_path, monkeypatch):
         assert f"\n| {name} | CFG at w = 5 + (strong - weak) |" in report, name
     assert "\n| Teacher Euler+CFG | CFG at w = 5 |" in report and "t ~ uniform" in report
     for section in ("Guidance schedule against the constant w = 5, at equal cost", "Negative prompts",
-                    "Fidelity: each student's velocity error", "Colour across w", "Loss curves of every training stage"):
+                    "Fidelity: each student's velocity error", "Colour across w", "Loss curves of every training stage",
+                    "Time per stage"):
         assert f"\n## {section}" in report, section
+    # the seconds of every stage (OUT/timing.json, also the report's last table), and the main table
+    # that a run over several seeds merges (OUT/table.json), every row of the report in it
+    with open(os.path.join(out, "timing.json")) as f:
+        assert list(json.load(f)) == ["1 evaluator", "2 teacher", "3 samplers", "4 students from Euler+CFG",
+                                      "4 students from Z-Sampling+CFG", "4 students from W2SD+CFG",
+                                      "4 students scored", "w sweep", "5 schedule", "6 negative", "7 fidelity"]
+    with open(os.path.join(out, "table.json")) as f:
+        table = json.load(f)
+    assert list(table) == [*train_toy.teacher_methods(None, None, 5.0), *train_toy.STUDENTS]
+    assert all(f"\n| {name} | " in report for name in table)
     # every stage's loss curve is drawn: evaluator, teacher, and the students of 3 teacher samplers
     assert report.count("| students from ") == len(train_toy.STUDENTS)
     assert "| evaluator (cross-entropy) | evaluator |" in report and "| teacher (flow matching) | teacher |" in report

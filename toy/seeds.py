@@ -1,0 +1,148 @@
+"""Several seeds of the toy run (`train_toy.py --seeds 0 1 2`): each seed is the whole pipeline
+(evaluator, teacher, students, scores: everything varies with the seed) in OUT/seed-S, an ordinary
+run of its own that resumes like one. The seeds run in one process per worker slot, each slot a
+visible GPU (so two GPUs run two seeds at once; one GPU, or the CPU, runs them in turn), and
+OUT/report.md puts them together: every row as a mean with its 95% interval over the seeds, and the
+paper's comparisons as paired differences (same seed: same teacher, prompts and noise)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from tinyteef.checkpoint import atomic_write
+
+from .methods import STUDENTS, TEACHER_SAMPLERS
+from .stats import fmt, interval, paired
+
+TABLE = "table.json"  # what a seed's run leaves for the merge: its main table, one row per method
+METRICS = ("accuracy", "fd", "rms", "ms")  # the numbers of a row that the merge averages
+
+
+def save_table(out, table):
+    """A seed's main table (OUT/seed-S/table.json): each row's numbers and effective guidance."""
+    rows = {name: {k: r[k] for k in (*METRICS, "passes", "nominal", "guidance") if k in r} for name, r in table.items()}
+    atomic_write(os.path.join(out, TABLE), lambda f: f.write(json.dumps(rows, indent=1).encode()))
+
+
+def child_command(script, argv, seed, out):
+    """The train_toy.py invocation of one seed: the coordinator's own flags, with this seed and folder."""
+    return [sys.executable, script, *argv, "--seed", str(seed), "--out", out]
+
+
+def run_all(commands, slots):
+    """Run the commands, at most one per slot at a time, each with its slot's environment variables
+    (CUDA_VISIBLE_DEVICES on a GPU); wait for all. Raises RuntimeError naming the first that failed
+    (the others still finish, so that a rerun resumes from what they did)."""
+    waiting, running, failed = list(commands), {}, []
+    free = list(slots)
+    while waiting or running:
+        while waiting and free:
+            slot, cmd = free.pop(0), waiting.pop(0)
+            running[subprocess.Popen(cmd, env={**os.environ, **slot})] = (slot, cmd)
+        for proc in list(running):
+            if proc.poll() is not None:
+                slot, cmd = running.pop(proc)
+                free.append(slot)
+                if proc.returncode:
+                    failed.append(f"{' '.join(cmd)} (exit status {proc.returncode})")
+        time.sleep(0.05)
+    if failed:
+        raise RuntimeError(f"{len(failed)} seed run(s) failed; the first: {failed[0]}. Run the same command "
+                           "again to resume them")
+
+
+def comparisons(names):
+    """The paper's comparisons among the rows `names`, as (what, row a, row b): TeEFusion against
+    DistillCFG and against the G(psi(w)) ablation (Table 3), each student against the teacher
+    sampler it imitates, and each reflection sampler against Euler+CFG (Table 4)."""
+    out = [("TeEFusion vs DistillCFG (Table 3)", "TeEFusion from W2SD+CFG", "DistillCFG from W2SD+CFG"),
+           ("TeEFusion vs G(psi(w)) ablation (Table 3)", "TeEFusion from W2SD+CFG", "G(psi(w)) from W2SD+CFG")]
+    out += [(f"{n} vs its teacher", n, spec.imitates) for n, spec in STUDENTS.items()]
+    out += [(f"{t} vs Euler+CFG (Table 4)", t, "Teacher Euler+CFG") for t in TEACHER_SAMPLERS if t != "Teacher Euler+CFG"]
+    return [c for c in out if c[1] in names and c[2] in names]
+
+
+def verdict(sign, lower_is_better):
+    """A paired difference's sign as words: which row is better, or "not separated"."""
+    if sign == 0:
+        return "not separated"
+    return "first better" if (sign < 0) == lower_is_better else "second better"
+
+
+def merge_report(out, seeds, title):
+    """OUT/report.md over the seeds' tables. Returns the path."""
+    tables = []
+    for s in seeds:
+        path = os.path.join(out, f"seed-{s}", TABLE)
+        with open(path) as f:
+            tables.append(json.load(f))
+    names = list(tables[0])
+    lines = [f"# {title}, seeds {', '.join(map(str, seeds))}", "",
+             f"Each seed is the whole pipeline (evaluator, teacher, students: all vary with it), in seed-S/ "
+             f"with its own report. Values: mean ± the half-width of a 95% interval over the {len(seeds)} seeds "
+             "(Student's t); a single seed gives the value alone.", "",
+             "## Every row", "",
+             "| method | effective guidance | passes / step | prompt accuracy | Fréchet distance | "
+             "RMS to its teacher's sample | ms / image |", "|---" * 7 + "|"]
+    for n in names:
+        cells = []
+        for k, scale in (("accuracy", 100), ("fd", 1), ("rms", 1), ("ms", 1)):
+            values = [t[n][k] * scale for t in tables if k in t[n]]
+            cells.append(fmt(*interval(values), ".1f" if k == "accuracy" else ".3f") if values else "—")
+        lines.append(f"| {n} | {tables[0][n].get('guidance', '—')} | {tables[0][n]['passes']:.3g} | "
+                     + " | ".join(cells) + " |")
+    lines += ["", "## The paper's comparisons, paired by seed", "",
+              "The difference first − second over the same seeds, with its 95% interval. A difference is held "
+              "only where the interval excludes 0; otherwise the rows are not separated by these seeds.", "",
+              "| comparison | Fréchet distance difference | verdict | accuracy difference (points) | verdict |",
+              "|---|---|---|---|---|"]
+    for what, a, b in comparisons(names):
+        fd = paired([t[a]["fd"] for t in tables], [t[b]["fd"] for t in tables])
+        acc = paired([100 * t[a]["accuracy"] for t in tables], [100 * t[b]["accuracy"] for t in tables])
+        lines.append(f"| {what} | {fmt(fd[0], fd[1])} | {verdict(fd[2], True)} | {fmt(acc[0], acc[1], '.1f')} | "
+                     f"{verdict(acc[2], False)} |")
+    lines += ["", "Per seed: " + ", ".join(f"[seed {s}](seed-{s}/report.md)" for s in seeds), ""]
+    path = os.path.join(out, "report.md")
+    atomic_write(path, lambda f: f.write("\n".join(lines).encode()))
+    return path
+
+
+def cuda_count():
+    """The number of GPUs this process sees."""
+    import torch  # here only: the merge and the launcher need no torch
+    return torch.cuda.device_count()
+
+
+def slots(device_type, workers):
+    """One environment per worker: on a GPU, each worker sees one GPU of those visible (round robin,
+    so more workers than GPUs share them); on the CPU, each gets an equal share of the cores."""
+    if device_type == "cuda":
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",") if visible else [str(i) for i in range(cuda_count())]
+        return [{"CUDA_VISIBLE_DEVICES": ids[i % len(ids)]} for i in range(workers)]
+    threads = str(max((os.cpu_count() or 1) // workers, 1))
+    return [{"OMP_NUM_THREADS": threads} for _ in range(workers)]
+
+
+def run(script, args, mode, out):
+    """train_toy.py --seeds: each seed's whole run as its own process of `script` (the seeds not
+    finished yet; a finished seed leaves its table.json), then one report over all of them.
+    `args`: train_toy.py's flags; `mode`: its compile mode."""
+    if os.path.exists(os.path.join(out, "config.json")):
+        raise SystemExit(f"error: {out} holds a single-seed run; give --seeds another --out")
+    gpu = args.device.startswith("cuda")
+    workers = args.workers or (cuda_count() if gpu else 1)
+    flags = ["--data", args.data, "--preset", args.preset, "--compile", mode,
+             "--device", "cuda" if gpu else args.device]  # a child sees its one GPU as "cuda"
+    flags += ["--data-root", os.path.abspath(args.data_root)] if args.data_root else []
+    flags += ["--teefusion-divisor", str(args.teefusion_divisor)] if args.teefusion_divisor is not None else []
+    todo = [s for s in args.seeds if not os.path.exists(os.path.join(out, f"seed-{s}", TABLE))]
+    commands = [child_command(script, flags, s, os.path.join(out, f"seed-{s}")) for s in todo]
+    try:
+        run_all(commands, slots("cuda" if gpu else "cpu", workers))
+    except RuntimeError as e:
+        raise SystemExit(f"error: {e}")
+    path = merge_report(out, args.seeds, f"Toy run: {args.data}, preset {args.preset}")
+    print(f"done: {len(args.seeds)} seeds; report over them in {os.path.abspath(path)}")
