@@ -25,7 +25,6 @@ Stages, each cached in --out and skipped when its result is there (a stopped run
 import argparse
 import copy
 import dataclasses
-import json
 import os
 import time
 
@@ -40,16 +39,17 @@ from tinyteef.guidance import DistillCFG, Student
 from tinyteef.mmdit import MMDiT
 from tinyteef.schedules import Ramp
 from toy import data as toydata
-from toy import fidelity, negative, seeds
+from toy import curve, fidelity, negative, seeds
 from toy.colour import colour_stats
 from toy.evaluator import Evaluator, train_evaluator
 from toy.fast import COMPILE_MODES, adamw, compiled
 from toy.report import (colour_section, curve_section, fidelity_section, run_facts, schedule_section,
                         write_report)
-from toy.methods import STUDENTS, distill_config, method_at, row_guidance, student_method, teacher_methods
+from toy.methods import (STAGES, STUDENTS, distill_config, matched_rows, method_at, row_guidance, student_method,
+                         teacher_methods)
 from toy.presets import PRESETS, mmdit_config
 from toy.scoring import Scorer, autocast, score, stage_sweep
-from toy.staging import Clock, staged
+from toy.staging import Clock, check_run, record_run, staged
 from toy.text import PromptBank, TextEncoder, Tokenizer
 
 
@@ -64,7 +64,8 @@ def parse_args(argv=None):
                    help="sizes and steps (default: full on a GPU, smoke on a CPU)")
     p.add_argument("--out", default=None, help="output folder (default runs/toy-DATA-PRESET)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None,
+                   help="one seed, the run in --out (default: the preset's seeds: 0 for smoke and quick, 0 1 2 for full)")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="several seeds, each the whole run in OUT/seed-S, and OUT/report.md over them (means with "
                         "95%% intervals, paired comparisons); replaces --seed")
@@ -192,12 +193,12 @@ def stage_teacher(data, P, device, out, seed, mode):
 # stage 4: distilling (stages 3 and 5-8 score and report through toy/scoring.py and toy/report.py)
 
 
-def stage_students(data, P, device, out, seed, teacher, weak, text, bank, kind, mode):
-    """Alg. 1 from one teacher sampler `kind`: every student of STUDENTS that uses it, trained on
-    the same targets (one teacher target per batch, several students). `mode`: toy/fast.py's
+def stage_students(data, P, device, out, seed, teacher, weak, text, bank, stage, mode):
+    """Alg. 1 for one stage of toy/methods.py's STAGES (a teacher sampler and p(t)): every student
+    of STUDENTS in it, trained on the same targets (one teacher target per batch, several students). `mode`: toy/fast.py's
     compile mode, for the frozen teacher and weak model and the students.
     Returns ({name: Student}, their loss curves {name: [(step, loss)]})."""
-    names = [n for n, spec in STUDENTS.items() if spec.teacher == kind]
+    names = [n for n, spec in STUDENTS.items() if spec.stage == stage]
     fast_teacher, fast_weak = compiled(teacher, mode), compiled(weak, mode)  # for the targets
     torch.manual_seed(seed)  # DistillCFG's H starts the same whichever stages ran before
     # one AdamW per student; all of them read the teacher's target of the same batch, which is
@@ -208,11 +209,11 @@ def stage_students(data, P, device, out, seed, teacher, weak, text, bank, kind, 
         H = DistillCFG(teacher.config.hidden_size).to(device) if spec.kind == "distillcfg" else None
         students.append(Student(copy.deepcopy(teacher).requires_grad_(True).train(), spec.kind, H,
                                 P.teefusion_divisor if spec.divisor is None else spec.divisor, (P.w_min, P.w_max)))
-    path, partial = os.path.join(out, f"students_{kind}.pt"), os.path.join(out, f"students_{kind}.partial.pt")
+    path, partial = os.path.join(out, f"students_{stage}.pt"), os.path.join(out, f"students_{stage}.partial.pt")
     opts = [adamw(s.parameters(), P.distill_lr, fused=mode != "off") for s in students]
     fast_students = [compiled(s, mode) for s in students]
     if not os.path.exists(path):
-        config = distill_config(P, kind)
+        config = distill_config(P, STAGES[stage].teacher, STAGES[stage].t_dist)
         for s in students:
             check_w_range(s, config)
         g = torch.Generator(device).manual_seed(seed + 2)  # every draw of this stage: data, t, w, noise
@@ -226,7 +227,7 @@ def stage_students(data, P, device, out, seed, teacher, weak, text, bank, kind, 
         x_all, y_all = data.train_x.to(device), data.train_y.to(device)
         with torch.no_grad():
             u = text(bank.empty).expand(P.distill_batch)  # ∅, the empty prompt's encoding, per sample
-        bar = tqdm(range(state["step"], P.distill_steps), desc=f"students ({kind})", initial=state["step"],
+        bar = tqdm(range(state["step"], P.distill_steps), desc=f"students ({stage})", initial=state["step"],
                    total=P.distill_steps)
         for step in bar:
             # Alg. 1 line 3: x0, c ~ D (an image and a prompt naming its class or attributes)
@@ -247,6 +248,7 @@ def stage_students(data, P, device, out, seed, teacher, weak, text, bank, kind, 
                     o.zero_grad(set_to_none=True)
                     losses.append(loss.detach())
                 losses = [v.item() for v in losses]  # one wait for the GPU per step, not one per student
+            curve.keep(out, step + 1, P.curve, names, students)  # Fig. 5b: weights at the curve's steps
             if step % 10 == 0:
                 state["losses"].append((step, *losses))
                 bar.set_postfix(loss=" ".join(f"{v:.4f}" for v in losses))
@@ -279,16 +281,17 @@ def main(argv=None):
     # the run's folder and what defines the run: another dataset, preset or seed is another run,
     # refused here rather than mixed with the cached stages of this one
     out = args.out or os.path.join("runs", f"toy-{args.data}-{args.preset}")
-    if args.seeds:
+    if args.seed is not None and args.seeds:
+        raise SystemExit("error: give --seed (one run) or --seeds (several), not both")
+    if args.seed is None and args.seeds is None and len(P.seeds) > 1:
+        args.seeds = list(P.seeds)
+    if args.seeds:  # several seeds: each its own run in OUT/seed-S (toy/seeds.py), then one report
         return seeds.run(os.path.abspath(__file__), args, mode, out)
-    run = {"data": args.data, "preset": dataclasses.asdict(P), "seed": args.seed,  # --data-root only when given:
+    args.seed = P.seeds[0] if args.seed is None else args.seed
+    preset = {k: v for k, v in dataclasses.asdict(P).items() if k != "seeds"}  # which seeds is not this run's
+    run = {"data": args.data, "preset": preset, "seed": args.seed,  # --data-root only when given:
            **({"data_root": os.path.abspath(args.data_root)} if args.data_root else {})}  # older runs stay valid
-    cfg_path = os.path.join(out, "config.json")
-    if os.path.exists(cfg_path):
-        with open(cfg_path) as f:
-            if json.load(f) != json.loads(json.dumps(run)):
-                raise SystemExit(f"error: {out} holds a run with another --data, --data-root, --preset or --seed; "
-                                 "use another --out or delete that folder")
+    check_run(out, run)
     torch.manual_seed(args.seed)
     started = time.time()
     # the dataset: images and the prompts that describe them (class names, or shapes' attributes)
@@ -296,14 +299,7 @@ def main(argv=None):
         data = toydata.load(args.data, root=args.data_root, seed=args.seed, limit=P.limit)
     except (RuntimeError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    # written only once the data is there (a failed start leaves nothing behind), and atomically (a
-    # run stopped mid-write must not leave a half file that refuses or breaks the next invocation)
-    checkpoint.atomic_write(cfg_path, lambda f: f.write(json.dumps(run, indent=1).encode()))
-    first_path = os.path.join(out, "started")  # when the first invocation began: the end-to-end time
-    if not os.path.exists(first_path):
-        checkpoint.atomic_write(first_path, lambda f: f.write(str(started).encode()))
-    with open(first_path) as f:
-        first = float(f.read())
+    first = record_run(out, run, started)  # only once the data is there: a failed start leaves nothing
     clock = Clock(out)  # each stage's seconds, for the report's timing table
     # stages 1 and 2: the evaluator, then the teacher with its text encoder and W2SD's weak model
     with clock.stage("1 evaluator"):
@@ -325,16 +321,22 @@ def main(argv=None):
         table = {name: score(scorer, out, name, m)
                  for name, m in teacher_methods(fast_teacher, fast_weak, P.w).items()}
 
-    # stage 4: Alg. 1 from each guided sampler, then each student scored beside the row it imitates
-    students = {}
-    for kind, label in (("cfg", "Euler+CFG"), ("zsampling", "Z-Sampling+CFG"), ("w2sd", "W2SD+CFG")):
+    # stage 4: Alg. 1 from each guided sampler (and W2SD+CFG with SD3's p(t)), then each student
+    # scored beside the row it imitates, and Euler+CFG at the effective guidance of the others
+    plain, students = {}, {}
+    for stage, spec in STAGES.items():
+        label = spec.imitates.removeprefix("Teacher ") + (f", t {spec.t_dist}" if spec.t_dist else "")
         with clock.stage(f"4 students from {label}"):
             found, curves[f"students from {label} (Alg. 1)"] = stage_students(
-                data, P, device, out, args.seed, teacher, weak, text, bank, kind, mode)
+                data, P, device, out, args.seed, teacher, weak, text, bank, stage, mode)
+        plain.update(found)
         students.update({name: compiled(s, mode) for name, s in found.items()})
     with clock.stage("4 students scored"):
         for name, s in students.items():
             table[name] = score(scorer, out, name, student_method(s, P.w), table[STUDENTS[name].imitates]["x"])
+        for name, (row, w_eff, matches) in matched_rows(P).items():
+            table[name] = {**score(scorer, out, name, method_at(row, students, fast_teacher, fast_weak)(w_eff)),
+                           "matches": matches}
     for name, r in table.items():  # what each row amounts to, to first order in the step
         r["guidance"] = row_guidance(name, P)
 
@@ -371,13 +373,20 @@ def main(argv=None):
             {name: (s, STUDENTS[name].teacher) for name, s in students.items()}, fast_teacher, fast_weak, text,
             bank, data, {kind: distill_config(P, kind) for kind in ("cfg", "zsampling", "w2sd")},
             min(P.distill_batch // 2, 64), device, args.seed + 3))
+    # the distillation curve (Fig. 5b): TeEFusion and DistillCFG from W2SD+CFG as they were at the
+    # preset's curve steps, scored like the final students
+    with clock.stage("distillation curve"):
+        fig5b = staged(os.path.join(out, "curve.pt"), lambda: curve.measure(
+            scorer, out, P.curve, plain, mode, P.w, table["Teacher W2SD+CFG"]["x"]))
 
     # stage 8: the report: the main table with each row's effective guidance, the sweep, the extra
     # sections and figures, and the run's facts
     sections = [schedule_section(schedule, ramp, P.w), negative.section(negated, data.attributes, P.w),
                 fidelity_section(out, fid, (P.w_min, P.w_max)),
                 colour_section(out, sweep["rows"], list(sweep_methods), colour_stats(data.test_x)),
-                curve_section(out, curves), clock.section()]
+                curve_section(out, curves)]
+    sections += [curve.section(out, fig5b, table["Teacher W2SD+CFG"])] if any(fig5b.values()) else []
+    sections += [clock.section()]
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     info = run_facts(args.data, args.preset, P, device_name, ev["accuracy"], teacher, table,
                      time.time() - started, time.time() - first)

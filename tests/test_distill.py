@@ -7,8 +7,8 @@ import torch
 
 from conftest import TINY, random_mmdit
 from test_samplers import Field, text
-from tinyteef.distill import (DistillConfig, check_w_range, effective_guidance, sample_training_point, student_loss,
-                              teacher_target)
+from tinyteef.distill import (DistillConfig, check_w_range, effective_guidance, effective_w, sample_training_point,
+                              student_loss, teacher_target)
 from tinyteef.flow import interpolate, sample_t_logit_normal, velocity_target
 from tinyteef.guidance import Student, Text, guided_velocity
 from tinyteef.mmdit import MMDiT, MMDiTConfig
@@ -109,6 +109,11 @@ def test_effective_guidance_names_each_target():
     assert effective_guidance(DistillConfig(teacher="w2sd", w_weak=0.0), 5) == "CFG at 2w = 10 + (strong - weak)"
     assert effective_guidance(DistillConfig(teacher="w2sd", reflection_target="refined"), 5) == "CFG at w = 5"
     assert effective_guidance(DistillConfig(teacher="zsampling")) == "CFG at 2w + 1"  # the formula alone
+    # the numbers the toy's matched-guidance rows use: 2w - a by hand
+    assert effective_w(DistillConfig(teacher="zsampling"), 5) == 11
+    assert effective_w(DistillConfig(teacher="zsampling", w_inv=2.0), 5) == 8
+    assert effective_w(DistillConfig(teacher="w2sd"), 5) == 5 and effective_w(DistillConfig(teacher="cfg"), 5) == 5
+    assert effective_w(DistillConfig(teacher="w2sd", w_weak=0.0), 5) == 10
 
 
 def test_training_point_ranges():

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 import train_toy
+from tinyteef import checkpoint
 from toy import data as toydata
 
 TINY = dataclasses.replace(train_toy.PRESETS["smoke"], limit=(200, 50), eval_steps=5, teacher_steps=20,
                            batch=8, sample_steps=2, n_eval=16, distill_steps=4, distill_batch=4,
-                           sweep=(2.0, 14.0), save_every=10, time_batch=16)
+                           sweep=(2.0, 14.0), save_every=10, time_batch=16, curve=(2, 4))
 
 
 class Stop(Exception):
@@ -110,17 +111,25 @@ def test_whole_run_then_cached_then_refused(tmp_path, monkeypatch):
     assert "\n| Teacher Euler+CFG | CFG at w = 5 |" in report and "t ~ uniform" in report
     for section in ("Guidance schedule against the constant w = 5, at equal cost", "Negative prompts",
                     "Fidelity: each student's velocity error", "Colour across w", "Loss curves of every training stage",
-                    "Time per stage"):
+                    "Distillation curve (Fig. 5b in small)", "Time per stage"):
         assert f"\n## {section}" in report, section
     # the seconds of every stage (OUT/timing.json, also the report's last table), and the main table
     # that a run over several seeds merges (OUT/table.json), every row of the report in it
     with open(os.path.join(out, "timing.json")) as f:
         assert list(json.load(f)) == ["1 evaluator", "2 teacher", "3 samplers", "4 students from Euler+CFG",
                                       "4 students from Z-Sampling+CFG", "4 students from W2SD+CFG",
-                                      "4 students scored", "w sweep", "5 schedule", "6 negative", "7 fidelity"]
+                                      "4 students from W2SD+CFG, t logit-normal", "4 students scored", "w sweep",
+                                      "5 schedule", "6 negative", "7 fidelity", "distillation curve"]
     with open(os.path.join(out, "table.json")) as f:
         table = json.load(f)
-    assert list(table) == [*train_toy.teacher_methods(None, None, 5.0), *train_toy.STUDENTS]
+    matched = ["Teacher Euler+CFG at w = 11 (Z-Sampling+CFG's effective guidance)", "TeEFusion from Euler+CFG at w = 11"]
+    assert list(table) == [*train_toy.teacher_methods(None, None, 5.0), *train_toy.STUDENTS, *matched]
+    assert table[matched[0]]["matches"] == "Teacher Z-Sampling+CFG" and table[matched[0]]["guidance"] == "CFG at w = 11"
+    # Fig. 5b: the W2SD+CFG students kept at steps 2 and 4 of 4, scored; the last is the final student
+    assert "| 2 | " in report and "| 4 | " in report and os.path.exists(os.path.join(out, "curve.png"))
+    final = dict(checkpoint.load(os.path.join(out, "curve.pt"))["TeEFusion from W2SD+CFG"])[4]
+    assert final["fd"] == pytest.approx(table["TeEFusion from W2SD+CFG"]["fd"], rel=1e-6)
+    assert final["rms"] == pytest.approx(table["TeEFusion from W2SD+CFG"]["rms"], rel=1e-6)
     assert all(f"\n| {name} | " in report for name in table)
     # every stage's loss curve is drawn: evaluator, teacher, and the students of 3 teacher samplers
     assert report.count("| students from ") == len(train_toy.STUDENTS)

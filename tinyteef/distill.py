@@ -81,18 +81,28 @@ class DistillConfig:
             raise ValueError(f"need w_min <= w_max, got {self.w_min} > {self.w_max}")
 
 
+def reach_inversion(config: DistillConfig):
+    """The guidance a of the inversion in a "reach" reflection target, whose step is 2 v_s - v_inv
+    (this module's docstring), or None where the target is CFG at w itself: a CFG teacher, a
+    "refined" target, or W2SD's weak model inverting at the strong w (w_weak None)."""
+    a = config.w_inv if config.teacher == "zsampling" else config.w_weak
+    return None if config.teacher == "cfg" or config.reflection_target == "refined" else a
+
+
+def effective_w(config: DistillConfig, w):
+    """The guidance weight of the CFG that the teacher sampler (and a student distilled from it)
+    amounts to at w, to first order in the step: 2w - a for a reach target inverting at a
+    (Z-Sampling at a = w_inv = -1: 2w + 1), w otherwise (W2SD: plus its strong-minus-weak bracket)."""
+    a = reach_inversion(config)
+    return w if a is None else 2 * w - a
+
+
 def effective_guidance(config: DistillConfig, w=None):
-    """What the teacher sampler (and a student distilled from it) amounts to at guidance w, to first
-    order in the step (the expansion in this module's docstring), as text for reports and records:
-    "CFG at w = 5", "CFG at 2w + 1 = 11", "CFG at w = 5 + (strong - weak)"; without w the formula
-    alone ("CFG at 2w + 1")."""
-    a = config.w_inv if config.teacher == "zsampling" else config.w_weak  # the inversion's guidance
-    if config.teacher == "cfg" or config.reflection_target == "refined" or a is None:  # None: W2SD at the strong w
-        form, value = "w", w
-    else:  # 2 v_s - v_inv = CFG at 2w - a (+ the bracket)
-        form = "2w" if a == 0 else f"2w {'+' if a < 0 else '-'} {abs(a):g}"
-        value = None if w is None else 2 * w - a
-    text = f"CFG at {form}" + ("" if value is None else f" = {value:g}")
+    """effective_w as text for reports and records: "CFG at w = 5", "CFG at 2w + 1 = 11",
+    "CFG at w = 5 + (strong - weak)"; without w the formula alone ("CFG at 2w + 1")."""
+    a = reach_inversion(config)
+    form = "w" if a is None else "2w" if a == 0 else f"2w {'+' if a < 0 else '-'} {abs(a):g}"
+    text = f"CFG at {form}" + ("" if w is None else f" = {effective_w(config, w):g}")
     bracket = config.teacher == "w2sd" and config.reflection_target == "reach"  # strong and inverter differ
     return text + (" + (strong - weak)" if bracket else "")
 

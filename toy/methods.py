@@ -5,7 +5,7 @@ A method is a function method(x, ts, c, u) -> samplers.Samples, scored by toy/sc
 from dataclasses import dataclass
 
 from tinyteef import samplers
-from tinyteef.distill import DistillConfig, effective_guidance
+from tinyteef.distill import DistillConfig, effective_guidance, effective_w
 from tinyteef.guidance import TEEFUSION_DIVISOR
 
 TEACHER_SAMPLERS = {"Teacher Euler+CFG": "cfg", "Teacher Z-Sampling+CFG": "zsampling", "Teacher W2SD+CFG": "w2sd"}
@@ -29,14 +29,21 @@ def student_method(s, w):
 
 @dataclass(frozen=True)
 class StudentSpec:
-    """One student of the toy: Alg. 1 from the teacher sampler `teacher` (config | zsampling | w2sd),
+    """One student of the toy: Alg. 1 from the teacher sampler `teacher` (cfg | zsampling | w2sd),
     with w entering z as `kind` says (guidance.Student), compared with the teacher row `imitates`.
-    `divisor` of the Eq. 7 term (and the ablation's): None = the preset's."""
+    `divisor` of the Eq. 7 term (and the ablation's): None = the preset's. `t_dist`: Alg. 1's p(t)
+    (flow.T_DISTS), None = the preset's; students of one teacher and p(t) share one stage (targets)."""
 
     teacher: str
     kind: str
     imitates: str
     divisor: float | None = None
+    t_dist: str | None = None
+
+    @property
+    def stage(self):
+        """The distillation stage that trains this student: its teacher sampler, and p(t) if not the preset's."""
+        return self.teacher if self.t_dist is None else f"{self.teacher}-t-{self.t_dist}"
 
 
 STUDENTS = {
@@ -47,7 +54,12 @@ STUDENTS = {
         "w2sd", "teefusion", "Teacher W2SD+CFG", TEEFUSION_DIVISOR),
     "DistillCFG from W2SD+CFG": StudentSpec("w2sd", "distillcfg", "Teacher W2SD+CFG"),
     "G(psi(w)) from W2SD+CFG": StudentSpec("w2sd", "gpsi_ablation", "Teacher W2SD+CFG"),
+    # Alg. 1's t ~ U[0, 1] against SD3's pre-training draw, for the same student (the preset's t_dist
+    # is the paper's uniform; this row is the alternative)
+    "TeEFusion from W2SD+CFG, t logit-normal": StudentSpec("w2sd", "teefusion", "Teacher W2SD+CFG",
+                                                           t_dist="logit-normal"),
 }
+STAGES = {spec.stage: spec for spec in STUDENTS.values()}  # one stage per teacher sampler and p(t), in order
 
 
 def method_at(name, students, teacher, weak):
@@ -57,18 +69,39 @@ def method_at(name, students, teacher, weak):
     return lambda w: teacher_methods(teacher, weak, w)[name]
 
 
-def distill_config(P, teacher):
+def distill_config(P, teacher, t_dist=None):
     """Alg. 1's settings for the teacher sampler `teacher`: the students train for the toy's own
-    sampling grid (P.sample_steps, shift 1), with t ~ P.t_dist and w ~ U[P.w_min, P.w_max]; the
-    inversion guidance is DistillConfig's default (Z-Sampling at w_inv = -1, W2SD's weak model at
-    the strong w), as in train_sd3.py."""
+    sampling grid (P.sample_steps, shift 1), with t ~ t_dist (default P.t_dist) and
+    w ~ U[P.w_min, P.w_max]; the inversion guidance is DistillConfig's default (Z-Sampling at
+    w_inv = -1, W2SD's weak model at the strong w), as in train_sd3.py."""
     return DistillConfig(teacher=teacher, w_min=P.w_min, w_max=P.w_max, sample_steps=P.sample_steps, shift=1.0,
-                         t_dist=P.t_dist)
+                         t_dist=t_dist or P.t_dist)
+
+
+def matched_rows(P):
+    """Rows that compare teacher samplers at the same effective guidance, not the same w (Table 4's
+    comparison made like with like): where a teacher sampler at the table's w amounts to CFG at
+    another w' (Z-Sampling: 2w + 1), Euler+CFG and its student at w'. Returns {row name: (the
+    method it runs, w', the row at the table's w it is compared with)}, w' inside the students' range."""
+    rows = {}
+    for name, teacher in TEACHER_SAMPLERS.items():
+        w_eff = effective_w(distill_config(P, teacher), P.w)
+        if w_eff != P.w and P.w_min <= w_eff <= P.w_max:
+            label = name.removeprefix("Teacher ")
+            rows[f"Teacher Euler+CFG at w = {w_eff:g} ({label}'s effective guidance)"] = (
+                "Teacher Euler+CFG", w_eff, name)
+            rows[f"TeEFusion from Euler+CFG at w = {w_eff:g}"] = ("TeEFusion from Euler+CFG", w_eff,
+                                                                  f"TeEFusion from {label}")
+    return rows
 
 
 def row_guidance(name, P):
-    """What a row of the report's table amounts to at the table's w, to first order in the step
-    (distill.effective_guidance); a student's is its teacher sampler's. "—" for the rows that are
-    not CFG (Euler without guidance, naive fusion)."""
+    """What a row of the report's table amounts to, to first order in the step
+    (distill.effective_guidance) at the table's w, or at its own w for a matched-guidance row; a
+    student's is its teacher sampler's. "—" for the rows that are not CFG (Euler without guidance,
+    naive fusion)."""
+    matched = matched_rows(P)
+    if name in matched:
+        return f"CFG at w = {matched[name][1]:g}"
     teacher = STUDENTS[name].teacher if name in STUDENTS else TEACHER_SAMPLERS.get(name)
     return "—" if teacher is None else effective_guidance(distill_config(P, teacher), P.w)

@@ -41,23 +41,29 @@ class Preset:
     # (docs/toy-results.md)
     teefusion_divisor: float = 1.0
     ema: float = 0.999
+    # Fig. 5b in small: the distillation steps at which TeEFusion and DistillCFG from W2SD+CFG are
+    # kept and scored (each at most distill_steps)
+    curve: tuple = ()
+    seeds: tuple = (0,)  # a run without --seed or --seeds: these seeds, each the whole pipeline
 
 
 PRESETS = {
     # every stage, tiny, on a CPU in about 75 s on 2 cores (CI runs it)
     "smoke": Preset(limit=(1000, 200), eval_steps=40, width=64, layers=2, text_width=32, text_layers=1,
                     teacher_steps=120, batch=32, lr=1e-3, sample_steps=4, n_eval=64, distill_steps=20,
-                    distill_batch=16, distill_lr=1e-4, sweep=(2.0, 8.0, 14.0), save_every=50, time_batch=32),
+                    distill_batch=16, distill_lr=1e-4, sweep=(2.0, 8.0, 14.0), save_every=50, time_batch=32,
+                    curve=(10, 20)),
     # a first look on a GPU in a few minutes
     "quick": Preset(limit=None, eval_steps=800, width=256, layers=4, text_width=128, text_layers=2,
                     teacher_steps=1500, batch=256, lr=3e-4, sample_steps=16, n_eval=500, distill_steps=200,
                     distill_batch=128, distill_lr=1e-4, sweep=(2.0, 5.0, 8.0, 11.0, 14.0), save_every=500,
-                    time_batch=500),
-    # the figures of docs/toy-results.md, on one H100, every stage: shapes 13.8 minutes, fashion-mnist 10.5
+                    time_batch=500, curve=(50, 100, 200)),
+    # the reproduction: three seeds; the students distilled for 2,000 steps, with Fig. 5b's curve
+    # to 2,000 (docs/toy-results.md's single-seed figures used 500 steps)
     "full": Preset(limit=None, eval_steps=1500, width=256, layers=6, text_width=128, text_layers=2,
-                   teacher_steps=3500, batch=256, lr=3e-4, sample_steps=32, n_eval=1000, distill_steps=500,
+                   teacher_steps=3500, batch=256, lr=3e-4, sample_steps=32, n_eval=1000, distill_steps=2000,
                    distill_batch=128, distill_lr=1e-4, sweep=(2.0, 4.0, 6.0, 8.0, 11.0, 14.0), save_every=250,
-                   time_batch=500),
+                   time_batch=500, curve=(250, 500, 1000, 2000), seeds=(0, 1, 2)),
 }
 
 

@@ -22,7 +22,8 @@ METRICS = ("accuracy", "fd", "rms", "ms")  # the numbers of a row that the merge
 
 def save_table(out, table):
     """A seed's main table (OUT/seed-S/table.json): each row's numbers and effective guidance."""
-    rows = {name: {k: r[k] for k in (*METRICS, "passes", "nominal", "guidance") if k in r} for name, r in table.items()}
+    keys = (*METRICS, "passes", "nominal", "guidance", "matches")
+    rows = {name: {k: r[k] for k in keys if k in r} for name, r in table.items()}
     atomic_write(os.path.join(out, TABLE), lambda f: f.write(json.dumps(rows, indent=1).encode()))
 
 
@@ -53,15 +54,21 @@ def run_all(commands, slots):
                            "again to resume them")
 
 
-def comparisons(names):
-    """The paper's comparisons among the rows `names`, as (what, row a, row b): TeEFusion against
-    DistillCFG and against the G(psi(w)) ablation (Table 3), each student against the teacher
-    sampler it imitates, and each reflection sampler against Euler+CFG (Table 4)."""
+def comparisons(rows):
+    """The paper's comparisons among a table's rows, as (what, row a, row b): TeEFusion against
+    DistillCFG and against the G(psi(w)) ablation (Table 3), Alg. 1's t ~ U[0, 1] against SD3's
+    logit-normal, each student against the teacher sampler it imitates, each reflection sampler
+    against Euler+CFG at the same w (Table 4) and, where they differ, at its effective guidance
+    (a row's "matches")."""
     out = [("TeEFusion vs DistillCFG (Table 3)", "TeEFusion from W2SD+CFG", "DistillCFG from W2SD+CFG"),
-           ("TeEFusion vs G(psi(w)) ablation (Table 3)", "TeEFusion from W2SD+CFG", "G(psi(w)) from W2SD+CFG")]
+           ("TeEFusion vs G(psi(w)) ablation (Table 3)", "TeEFusion from W2SD+CFG", "G(psi(w)) from W2SD+CFG"),
+           ("t ~ U[0, 1] vs logit-normal (Alg. 1 line 4)", "TeEFusion from W2SD+CFG",
+            "TeEFusion from W2SD+CFG, t logit-normal")]
     out += [(f"{n} vs its teacher", n, spec.imitates) for n, spec in STUDENTS.items()]
     out += [(f"{t} vs Euler+CFG (Table 4)", t, "Teacher Euler+CFG") for t in TEACHER_SAMPLERS if t != "Teacher Euler+CFG"]
-    return [c for c in out if c[1] in names and c[2] in names]
+    out += [(f"{r['matches']} vs {name} (matched guidance)", r["matches"], name)
+            for name, r in rows.items() if "matches" in r]
+    return [c for c in out if c[1] in rows and c[2] in rows]
 
 
 def verdict(sign, lower_is_better):
@@ -98,7 +105,7 @@ def merge_report(out, seeds, title):
               "only where the interval excludes 0; otherwise the rows are not separated by these seeds.", "",
               "| comparison | Fréchet distance difference | verdict | accuracy difference (points) | verdict |",
               "|---|---|---|---|---|"]
-    for what, a, b in comparisons(names):
+    for what, a, b in comparisons(tables[0]):
         fd = paired([t[a]["fd"] for t in tables], [t[b]["fd"] for t in tables])
         acc = paired([100 * t[a]["accuracy"] for t in tables], [100 * t[b]["accuracy"] for t in tables])
         lines.append(f"| {what} | {fmt(fd[0], fd[1])} | {verdict(fd[2], True)} | {fmt(acc[0], acc[1], '.1f')} | "

@@ -1,7 +1,8 @@
-"""How the toy run's stages are cached and timed in --out: a stage's result is saved when it is
-computed and loaded when it is there (a stopped run resumes, a finished one re-reports fast), and
-the seconds each stage took are summed over the run's invocations in OUT/timing.json, for the
-report's per-stage timing table."""
+"""How a toy run lives in --out: what defines it (OUT/config.json: another dataset, preset or seed
+is another run, refused rather than mixed with this one's cached stages), its stages cached (a
+stage's result is saved when it is computed and loaded when it is there: a stopped run resumes, a
+finished one re-reports fast) and timed (the seconds of each stage summed over the run's
+invocations in OUT/timing.json, for the report's per-stage timing table)."""
 
 import json
 import os
@@ -11,6 +12,29 @@ from contextlib import contextmanager
 import torch
 
 from tinyteef import checkpoint
+from tinyteef.checkpoint import atomic_write
+
+
+def check_run(out, run):
+    """Refuse an --out that holds another run than `run` (its config.json differs)."""
+    path = os.path.join(out, "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            if json.load(f) != json.loads(json.dumps(run)):
+                raise SystemExit(f"error: {out} holds a run with another --data, --data-root, --preset or --seed; "
+                                 "use another --out or delete that folder")
+
+
+def record_run(out, run, started):
+    """Write OUT/config.json (atomically: a run stopped mid-write must not leave a half file that
+    breaks the next invocation) and, on the first invocation, OUT/started; returns when the first
+    invocation began, for the end-to-end time."""
+    atomic_write(os.path.join(out, "config.json"), lambda f: f.write(json.dumps(run, indent=1).encode()))
+    path = os.path.join(out, "started")
+    if not os.path.exists(path):
+        atomic_write(path, lambda f: f.write(str(started).encode()))
+    with open(path) as f:
+        return float(f.read())
 
 
 def staged(path, compute):
@@ -40,7 +64,7 @@ class Clock:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()  # the GPU's queued work belongs to this stage
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-        checkpoint.atomic_write(self.path, lambda f: f.write(json.dumps(self.seconds, indent=1).encode()))
+        atomic_write(self.path, lambda f: f.write(json.dumps(self.seconds, indent=1).encode()))
 
     def section(self):
         """The report's table: seconds and share of each stage. Returns (title, lines)."""
