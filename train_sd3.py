@@ -196,8 +196,8 @@ def load_models(args, model_dir, device):
             return randomize(MMDiT(MMDiTConfig(**SIZES[args.random_init])), g)
     teacher = make(model_dir)
     # the student: a float32 copy of the teacher (AdamW's update is too small for bf16 weights at
-    # lr 5e-6), recomputing its activations in the backward unless told otherwise. Copied before
-    # the weak model is made, the teacher cast before: float32 copies of 2 models at a time, not 3
+    # lr 5e-6), recomputing its activations in the backward unless told otherwise. It is copied, and
+    # the teacher cast, before the weak model is made: 2 float32 models at a time (SD3.5-large: 60 GiB)
     model = copy.deepcopy(teacher).train().requires_grad_(True)
     model.gradient_checkpointing = not args.no_gradient_checkpointing
     teacher = frozen(teacher)
@@ -287,7 +287,8 @@ def main(argv=None):
         student.load_state_dict(state["student"])
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
-    log0(rank, f"resuming {out} at step {start}" if args.resume else f"starting {out}")
+    if args.resume:
+        log0(rank, f"resuming {out} at step {start}")
     # the student as the loop calls it: DDP over several processes (FSDP's is sharded already), and
     # no_sync(), around every micro-batch but the last: the gradients are reduced once per step
     net, no_sync = parallel.wrap(student, device, world, args.fsdp, args.fsdp_grad_sync)
