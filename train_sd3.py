@@ -5,6 +5,7 @@
     torchrun --nproc_per_node 8 train_sd3.py ...                 (the same flags, on 8 GPUs)
     python train_sd3.py --random-init tiny --teacher zsampling --steps 20   (no download)
     python train_sd3.py --random-init sd3-medium --teacher w2sd --steps 5   (speed and memory)
+    torchrun --nproc_per_node 2 train_sd3.py --random-init sd3.5-large --teacher w2sd --fsdp ...
 
 DATA_DIR holds images with captions: NAME.txt beside each image, or a metadata.jsonl with
 "file_name" and "text". Stage 1 encodes every image (VAE) and caption (text encoders) once into
@@ -12,11 +13,14 @@ OUT/cache and frees the encoders. Stage 2 is Alg. 1: the student starts as a cop
 each step draws t ~ U[0, 1] (--t-dist logit-normal: SD3's pre-training draw), w ~ U[w_min, w_max]
 and noise for a batch, asks the frozen teacher sampler (CFG, Z-Sampling or W2SD, in bf16) for its
 velocity target, and fits the student's one pass with the Eq. 7 term in z. The batch (128, as the
-paper) is split into micro-batches, summed by gradient accumulation, and over the processes by DDP.
+paper) is split into micro-batches, summed by gradient accumulation, and over the processes by DDP,
+or with --fsdp by FSDP2, which shards the student over the GPUs (tinyteef/parallel.py).
 
-Every --save-every steps OUT/checkpoint.pt (student, optimizer, step) is written atomically, and
-OUT/student is the student as a diffusers-layout SD3 folder (a link to the newest OUT/student.N, swapped in
-one rename). Both are complete at every instant: a kill while saving leaves the last ones.
+Every --save-every steps OUT/checkpoint.pt (student, optimizer, step) is written atomically (with
+--fsdp the folder OUT/checkpoint of shards: a link to the newest OUT/checkpoint.N, swapped in one
+rename), and OUT/student is the student as a diffusers-layout SD3 folder (a link to the newest
+OUT/student.N, swapped likewise). Both are complete at every instant: a kill while saving leaves the
+last ones.
 `--resume` continues a run exactly: every random draw of a step comes from a generator seeded by
 (--seed, step, micro-batch), so the step index is the whole random state, for any process count.
 """
@@ -24,30 +28,29 @@ one rename). Both are complete at every instant: a kill while saving leaves the 
 import argparse
 import copy
 import dataclasses
-import inspect
 import json
 import math
 import os
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from tinyteef import checkpoint
-from tinyteef.bench import Meter
+from tinyteef import checkpoint, parallel
+from tinyteef.bench import PEAK_BF16_TFLOPS, SIZES, Meter
 from tinyteef.distill import (REFLECTION_TARGETS, TEACHERS, DistillConfig, check_w_range, effective_guidance,
                               sample_training_point, step_problem, student_loss, teacher_target, weights_norm)
 from tinyteef.flow import T_DISTS, shift, time_grid
 from tinyteef.guidance import STUDENT_KINDS, TEEFUSION_DIVISOR, DistillCFG, Student
 from tinyteef.mmdit import MMDiT, MMDiTConfig
+from tinyteef.parallel import barrier, global_rows, micro_batches
 from tinyteef.sd3 import cache, checks
 from tinyteef.sd3.loader import load_transformer, load_vae, save_student
 from tinyteef.sd3.sample import SD3_T_MIN, preview
 from tinyteef.sd3.tiny import randomize, write_tiny_sd3
 
+RANDOM_SIZES = checks.RANDOM_SIZES  # --random-init with the transformer alone, at a published size
 # The flags that define a run: a --resume with any of them changed is refused. (--compile is not one:
 # it changes the results by float rounding only.)
 RUN_KEYS = ("model", "weak_model", "random_init", "data", "teacher", "student", "teefusion_divisor",
@@ -63,9 +66,10 @@ def parse_args(argv=None):
     a = p.add_argument_group("models and data")
     a.add_argument("--model", help="the teacher: an SD3 / SD3.5 folder in the diffusers layout")
     a.add_argument("--weak-model", help="W2SD's weak model: a weaker transformer of the same architecture")
-    a.add_argument("--random-init", choices=("tiny", "sd3-medium"),
+    a.add_argument("--random-init", choices=("tiny", *RANDOM_SIZES),
                    help="random weights instead of --model: 'tiny' writes a tiny SD3 folder (all components) "
-                        "into OUT; 'sd3-medium' builds the transformer only and trains on random tensors")
+                        "into OUT; the others build the transformer only, at that model's published size, "
+                        "and train on random tensors")
     a.add_argument("--data", help="folder of images with captions (NAME.txt beside each, or metadata.jsonl)")
     a.add_argument("--out", default="runs/sd3", help="output folder: cache, checkpoint, student, previews, log")
     a.add_argument("--resolution", type=int, default=1024, help="square training size in pixels")
@@ -107,6 +111,12 @@ def parse_args(argv=None):
                    help="torch.compile each transformer block of the student, teacher and weak model (fused "
                         "elementwise kernels: faster steps, same results up to float rounding); the first "
                         "steps are slow while it compiles")
+    o.add_argument("--fsdp", action="store_true", help="under torchrun: shard the student, its gradients and "
+                   "AdamW's state over the GPUs (FSDP2, per transformer block; default: DDP, a whole copy on each)")
+    o.add_argument("--fsdp-frozen", default="whole", choices=parallel.FROZEN,
+                   help="with --fsdp: the bf16 teacher and weak model whole on every GPU (default), or sharded too")
+    o.add_argument("--fsdp-grad-sync", default="step", choices=parallel.GRAD_SYNCS, help="with --fsdp: reduce-scatter "
+                   "once per step (the sum kept unsharded meanwhile: 4 B per parameter), or every micro-batch")
     o.add_argument("--seed", type=int, default=0)
     # what is written to --out, and how often
     s = p.add_argument_group("outputs")
@@ -118,6 +128,8 @@ def parse_args(argv=None):
     s.add_argument("--cache-batch", type=int, default=8, help="images per VAE call in stage 1")
     s.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    s.add_argument("--peak-tflops", type=float, default=PEAK_BF16_TFLOPS,
+                   help="the GPU's dense bf16 peak, for the MFU in log.jsonl (H100 SXM, H200: 989; A100: 312)")
     args = p.parse_args(argv)
     for flag in ("model", "weak_model", "data"):  # absolute paths: config.json must name the same run
         v = getattr(args, flag)
@@ -143,61 +155,32 @@ def load_models(args, model_dir, device):
     """Alg. 1 line 1: the frozen teacher (bf16 on a GPU), W2SD's weak model, and the student, a
     float32 copy of the teacher (bf16 autocast runs its matmuls)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    # the weights: random at SD3-medium's size (speed and memory without a download), or loaded
-    if args.random_init == "sd3-medium":
-        g = torch.Generator().manual_seed(args.seed)
+    frozen = lambda m: m.to(device, dtype).eval().requires_grad_(False)
+    # the weights: random at a published size (speed and memory without a download; drawn on the
+    # device, the same on every process), or loaded
+    g = torch.Generator(device).manual_seed(args.seed)
+
+    def make(folder):
+        if args.random_init not in RANDOM_SIZES:
+            return load_transformer(folder, device)[0]
         with torch.device(device):
-            teacher = randomize(MMDiT(MMDiTConfig()), g)
-            weak = randomize(MMDiT(MMDiTConfig()), g) if args.teacher == "w2sd" else None
-    else:
-        teacher, _ = load_transformer(model_dir, device)
-        weak = load_transformer(args.weak_model, device)[0] if args.teacher == "w2sd" else None
+            return randomize(MMDiT(MMDiTConfig(**SIZES[args.random_init])), g)
+    teacher = make(model_dir)
     # the student: a float32 copy of the teacher (AdamW's update is too small for bf16 weights at
-    # lr 5e-6), recomputing its activations in the backward unless told otherwise
+    # lr 5e-6), recomputing its activations in the backward unless told otherwise. It is copied, and
+    # the teacher cast, before the weak model is made: 2 float32 models at a time (SD3.5-large: 60 GiB)
     model = copy.deepcopy(teacher).train().requires_grad_(True)
     model.gradient_checkpointing = not args.no_gradient_checkpointing
+    teacher = frozen(teacher)
+    weak = frozen(make(args.weak_model)) if args.teacher == "w2sd" else None
     # DistillCFG's new MLP H (zero last layer: the student starts equal to the teacher)
     H = DistillCFG(model.config.hidden_size).to(device) if args.student == "distillcfg" else None
-    frozen = lambda m: None if m is None else m.to(device, dtype).eval().requires_grad_(False)
-    teacher, weak = frozen(teacher), frozen(weak)
     # regional compilation of every block, in place, before DDP wraps the student (state_dict keys
     # stay the same, so checkpoints and the diffusers export do not change)
     if args.compile:
         for m in filter(None, (teacher, weak, model)):
             m.compile_blocks()
     return teacher, weak, Student(model, args.student, H, args.teefusion_divisor, (args.w_min, args.w_max))
-
-
-def global_rows(seed, step, batch_size, n):
-    """The data rows of optimizer step `step`: positions step*batch .. (step+1)*batch - 1 of the
-    stream of epochs, each epoch a permutation of the n rows seeded by (seed, epoch). A function of
-    the step alone, so a resumed run and any number of processes see the same batches."""
-    positions = range(step * batch_size, (step + 1) * batch_size)
-    perms = {e: torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + e))
-             for e in {p // n for p in positions}}
-    return [perms[p // n][p % n].item() for p in positions]
-
-
-def micro_batches(net, rows, step, args, world, rank, device):
-    """This process's share of optimizer step `step`, as (data rows, generator, context) per
-    micro-batch: the batch of --batch-size samples is cut into micro-batches of --micro-batch
-    (gradient accumulation), dealt over the processes (micro-batch m = j * world + rank). Every
-    random draw of micro-batch m comes from its own generator, seeded by (--seed, step, m), so the
-    step index is the whole random state, whatever the number of processes. Under DDP the context
-    is `no_sync` but for the last micro-batch: the gradients are all-reduced once per step."""
-    A, mb = args.batch_size // args.micro_batch, args.micro_batch  # micro-batches per step, all processes
-    accum = A // world
-    for j in range(accum):
-        m = j * world + rank
-        g = torch.Generator(device).manual_seed(args.seed * 1_000_000_007 + step * A + m)
-        sync = world == 1 or j == accum - 1
-        yield rows[m * mb:(m + 1) * mb], g, nullcontext() if sync else net.no_sync()
-
-
-def barrier(world):
-    """Wait for every process (a no-op for one): after rank 0 wrote what the others will read."""
-    if world > 1:
-        dist.barrier()
 
 
 @checks.one_line_errors  # a full disk or a read-only --out: one line naming the file, not a traceback
@@ -212,13 +195,15 @@ def main(argv=None):
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if args.fsdp and world == 1:
+        raise SystemExit("error: --fsdp shards the student over processes: start it with torchrun --nproc_per_node N")
     # every process takes the same number of micro-batches, so that their all-reduces line up
     if (args.batch_size // args.micro_batch) % world:
         raise SystemExit(f"error: --batch-size {args.batch_size} / --micro-batch {args.micro_batch} micro-batches "
                          f"cannot be split over {world} processes; make it a multiple of {world}")
-    # The run's folder: its config.json (and checkpoint.pt) define the run, so a --resume that changes
-    # it is refused; every check passes (writable, checkpoint readable, data listed) before it is written
-    out, ckpt_path = args.out, os.path.join(args.out, "checkpoint.pt")
+    # The run's folder: its config.json (and checkpoint) define the run, so a --resume that changes it
+    # is refused; every check passes (writable, checkpoint readable, data listed) before it is written
+    out, ckpt_path = args.out, checks.checkpoint_path(args)  # with --fsdp a folder of shards
     run = {k: getattr(args, k) for k in RUN_KEYS}
     try:
         items = checks.check_run(args, run)
@@ -248,6 +233,8 @@ def main(argv=None):
                    + (f", {len(data.skipped)} skipped (could not be decoded)" if data.skipped else ""))
     # Alg. 1 line 1: the student starts as a copy of the teacher; teacher and weak model are frozen
     teacher, weak, student = load_models(args, model_dir, device)
+    if args.fsdp:  # each process keeps 1/world of the student (per transformer block), before AdamW sees it
+        parallel.shard(student, (teacher, weak), device, args.fsdp_frozen == "shard")
     if args.data is None:  # --random-init without --data: random latents and text, for speed and memory
         # of the teacher's input widths: latent channels, pooled and token embedding sizes
         c_ = teacher.config
@@ -263,22 +250,22 @@ def main(argv=None):
     # AdamW at the paper's lr (5e-6), constant; no weight decay and no clipping: the paper names none
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
     start = 0
-    if args.resume:  # the step index is the whole random state (micro_batches), so weights,
+    if args.resume and args.fsdp:  # every process reads its shards; a damaged one stops all, in one line
+        try:
+            start = parallel.load(ckpt_path, student, opt)["step"]
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+    elif args.resume:  # the step index is the whole random state (micro_batches), so weights,
         # optimizer state and the step are all a resume needs to continue bit for bit
         state = checkpoint.load(ckpt_path, map_location=device)
         student.load_state_dict(state["student"])
         opt.load_state_dict(state["optimizer"])
         start = state["step"]
+    if args.resume:
         log0(rank, f"resuming {out} at step {start}")
-    # The only buffer, the position table (226 MB at SD3-medium size), is a constant: no need to
-    # broadcast it before every forward (the flag was renamed in torch 2.14). Gradients as views of
-    # DDP's buckets: no second copy of the 8 GB of float32 gradients at SD3-medium size, as long as
-    # they stay views: zeroed in place after each update, not set to None (a fresh .grad would
-    # accumulate beside the buckets through the no_sync micro-batches).
-    no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
-               else "broadcast_buffers": False}
-    net = DDP(student, device_ids=[device.index] if device.type == "cuda" else None,
-              gradient_as_bucket_view=True, **no_sync) if world > 1 else student
+    # the student as the loop calls it: DDP over several processes (FSDP's is sharded already), and
+    # no_sync(), around every micro-batch but the last: the gradients are reduced once per step
+    net, no_sync = parallel.wrap(student, device, world, args.fsdp, args.fsdp_grad_sync)
     # The teacher's passes are counted and timed, to report model FLOPs: one pass per row for the
     # frozen nets, three (forward and backward) for the student.
     teacher_n = Meter(teacher)
@@ -303,7 +290,7 @@ def main(argv=None):
         rows = global_rows(args.seed, step, args.batch_size, len(data))  # the step's samples, all processes
         total = torch.zeros((), device=device)
         # Alg. 1's loop body, micro-batch by micro-batch, gradients accumulating over the batch
-        for rows_m, g, sync in micro_batches(net, rows, step, args, world, rank, device):
+        for rows_m, g, sync in micro_batches(no_sync, rows, step, args, world, rank, device):
             x0, c = data.get(rows_m, device)  # line 3: x0, c ~ D (VAE latents and text, from the cache)
             u = empty.expand(len(rows_m))  # ∅ for every sample
             with sync, autocast:
@@ -320,18 +307,19 @@ def main(argv=None):
         loss = total.item() / A
         # the gradient's norm is logged, not clipped (max_norm inf); a non-finite loss or gradient
         # stops the run before the update, an absurd update (--lr 1e30) before it is saved, so the
-        # last checkpoint stays good
-        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), math.inf).item()
+        # last checkpoint stays good; every process takes the same decision (the norms are global)
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), math.inf)
+        grad_norm = (grad_norm.full_tensor() if args.fsdp else grad_norm).item()  # FSDP: a DTensor
         problem = step_problem(step + 1, loss, grad_norm)
         if problem is None:
             before = weights_norm(student)
             opt.step()  # line 14: the AdamW update
             problem = step_problem(step + 1, loss, grad_norm, before, weights_norm(student))
         if problem:
-            kept = f"the last good checkpoint in {out} is kept" if os.path.isfile(ckpt_path) else "no checkpoint yet"
+            kept = f"the last good checkpoint in {out} is kept" if os.path.exists(ckpt_path) else "no checkpoint yet"
             raise SystemExit(f"error: {problem}, {kept}")
-        # zeroed in place under DDP, so the gradients stay views of DDP's buckets (see above)
-        opt.zero_grad(set_to_none=world == 1)
+        # zeroed in place under DDP, so the gradients stay views of DDP's buckets (parallel.wrap)
+        opt.zero_grad(set_to_none=net is student)
         # timing and logging: the teacher's and weak model's passes were counted and timed (Meter),
         # so the step's time splits into teacher and student, and model FLOPs give the MFU
         dt = time.perf_counter() - t0
@@ -344,31 +332,39 @@ def main(argv=None):
                "student_model_tflops": 3 * args.batch_size / world * flops_row / student_s / 1e12}
         if device.type == "cuda":
             rec["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+            rec["mfu"] = rec["model_tflops"] / args.peak_tflops  # model FLOPs utilisation, whole step
+            rec["student_mfu"] = rec["student_model_tflops"] / args.peak_tflops
         bar.set_postfix(loss=f"{loss:.4f}", lr=args.lr, samples_per_s=f"{rec['samples_per_s']:.2f}")
+        done = step + 1
         if rank == 0:
             log_file.write(json.dumps(rec) + "\n")
             log_file.flush()
-            done = step + 1
-            # checkpoint (atomic: a run killed while saving keeps the previous one) and the student
-            if args.save_every and (done % args.save_every == 0 or done == args.steps):
+        # checkpoint (atomic: a run killed while saving keeps the previous one) and the student;
+        # with --fsdp every process writes its shards, and the first reads the student whole from them
+        if args.save_every and (done % args.save_every == 0 or done == args.steps):
+            if args.fsdp:
+                parallel.save(ckpt_path, student, opt, {"step": done, "config": run})
+            elif rank == 0:
                 checkpoint.save({"student": student.state_dict(), "optimizer": opt.state_dict(), "step": done,
                                  "config": run}, ckpt_path)
-                # OUT/student: a diffusers-layout SD3 folder, with a record of how it was distilled
-                save_student(os.path.join(out, "student"), student, model_dir, {
-                    "student_kind": student.kind, "teefusion_divisor": student.divisor,
-                    "w_range": list(student.w_range), "w_rounding": student.w_rounding,
+            if rank == 0:  # OUT/student: a diffusers-layout SD3 folder, with a record of how it was distilled
+                whole = parallel.read_student(ckpt_path, student) if args.fsdp else student
+                save_student(os.path.join(out, "student"), whole, model_dir, {
+                    "student_kind": whole.kind, "teefusion_divisor": whole.divisor,
+                    "w_range": list(whole.w_range), "w_rounding": whole.w_rounding,
                     "distill": dataclasses.asdict(config), "effective_guidance": effective_guidance(config),
                     "step": done})
-            # previews: teacher sampler above, student below, same captions and noise
-            if vae is not None and args.preview_every and done % args.preview_every == 0:
-                # the first captions of the data, the same noise every time, the student's own grid
-                n = min(args.preview_count, len(data))
-                x0, c = data.get(list(range(n)), device)
-                noise = torch.randn(x0.shape, generator=torch.Generator(device).manual_seed(args.seed), device=device)
-                ts = time_grid(args.sample_steps, args.shift, tau_last=shift(SD3_T_MIN, args.shift)).to(device)
-                with autocast:
-                    preview(os.path.join(out, "previews", f"step_{done:06d}.png"), student, teacher, weak, vae, noise,
-                            c, empty.expand(n), args.preview_w, ts, args.teacher, args.w_inv, args.w_weak)
+        # previews: teacher sampler above, student below, same captions and noise; drawn by the first
+        # process (with --fsdp the others run the sharded student's passes with it)
+        if args.data is not None and args.preview_every and done % args.preview_every == 0 and (rank == 0 or args.fsdp):
+            # the first captions of the data, the same noise every time, the student's own grid
+            n = min(args.preview_count, len(data))
+            x0, c = data.get(list(range(n)), device)
+            noise = torch.randn(x0.shape, generator=torch.Generator(device).manual_seed(args.seed), device=device)
+            ts = time_grid(args.sample_steps, args.shift, tau_last=shift(SD3_T_MIN, args.shift)).to(device)
+            with autocast:
+                preview(os.path.join(out, "previews", f"step_{done:06d}.png"), student, teacher, weak, vae, noise,
+                        c, empty.expand(n), args.preview_w, ts, args.teacher, args.w_inv, args.w_weak)
     if world > 1:
         dist.destroy_process_group()
     log0(rank, f"done: {'checkpoint, student and ' if args.save_every else ''}log in {os.path.abspath(out)}")

@@ -57,7 +57,13 @@ SIZES = {
                  attention_head_dim=32, num_attention_heads=4, joint_attention_dim=64,
                  caption_projection_dim=128, pooled_projection_dim=64, pos_embed_max_size=16),
     "sd3-medium": {},  # MMDiTConfig's defaults
+    # SD3.5's published transformer configs (stabilityai/stable-diffusion-3.5-*/transformer/config.json):
+    # MMDiT-X's image self-attention in the first 13 of 24 blocks and a 384 x 384 position table; 38
+    # blocks of width 38 x 64 = 2432. Both with qk RMSNorm. 2.24 B and 8.06 B parameters.
+    "sd3.5-medium": dict(pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13))),
+    "sd3.5-large": dict(num_layers=38, num_attention_heads=38, caption_projection_dim=2432, qk_norm="rms_norm"),
 }
+PEAK_BF16_TFLOPS = 989  # dense bf16 peak of an H100 SXM and of an H200, for the MFU (model FLOPs / peak)
 
 
 def parse_args(argv=None):

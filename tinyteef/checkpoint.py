@@ -2,11 +2,14 @@
 
 `save` writes to a temporary file beside the target and renames it into place, so a run stopped
 mid-write leaves the previous checkpoint intact. `load` uses torch.load(weights_only=True), which
-reads tensors and plain containers only and refuses arbitrary pickled objects.
+reads tensors and plain containers only and refuses arbitrary pickled objects. A folder (the
+diffusers-layout student, a sharded checkpoint) is swapped in whole: `next_version`, `swap_in`.
 """
 
 import json
 import os
+import re
+import shutil
 import tempfile
 
 import torch
@@ -80,6 +83,39 @@ def load(path, map_location="cpu", mmap=False, hint="delete it to recompute that
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:
         raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); {hint}") from e
+
+
+def _versions(path):
+    """The version folders PATH.N beside `path`: {N: name}."""
+    parent, name = os.path.split(os.path.abspath(path))
+    pattern = re.compile(re.escape(name) + r"\.(\d+)")
+    return {int(m[1]): v for v in os.listdir(parent) if (m := pattern.fullmatch(v))}
+
+
+def next_version(path):
+    """Where to write a new version of the folder `path`: PATH.N beside it, N above every version
+    there (those a stopped save left included), for `swap_in` to make current."""
+    return f"{os.path.abspath(path)}.{max(_versions(path), default=0) + 1}"
+
+
+def swap_in(path, version):
+    """Make `path` a symbolic link to the folder `version` (from `next_version`) and delete the
+    other versions. The link is replaced in one rename (os.replace of a new link over the old one
+    is atomic on POSIX), so `path` is a complete folder at every instant and a save stopped anywhere
+    leaves the previous one. (Two renames of directories, old away and new in, would leave an
+    instant with no `path`.) A `path` written as a plain directory before versions existed is moved
+    aside once, the only swap with an instant without it."""
+    parent, name = os.path.split(os.path.abspath(path))
+    path, new, link = os.path.join(parent, name), os.path.basename(version), os.path.join(parent, f".tmp-{name}.link")
+    if os.path.isdir(path) and not os.path.islink(path):
+        os.replace(path, os.path.join(parent, f"{name}.0"))
+    if os.path.lexists(link):
+        os.remove(link)
+    os.symlink(new, link, target_is_directory=True)  # relative: the run's folder may be moved
+    os.replace(link, path)
+    for v in _versions(path).values():
+        if v != new:
+            shutil.rmtree(os.path.join(parent, v))
 
 
 def remove_stale_temps(folder):

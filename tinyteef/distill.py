@@ -43,6 +43,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from .flow import T_DISTS, interpolate, next_t, sample_t
 from .guidance import PAPER_W_RANGE, Student, Text, guided_velocity
@@ -182,9 +184,25 @@ MAX_NORM_GROWTH = 2.0
 
 
 def weights_norm(module):
-    """The L2 norm of all of a module's parameters together (inf when it overflows float32)."""
-    norms = [torch.linalg.vector_norm(p.detach(), dtype=torch.float32) for p in module.parameters()]  # one each
-    return torch.linalg.vector_norm(torch.stack(norms)).item()
+    """The L2 norm of all of a module's parameters together (inf when it overflows float32), the
+    same number on every process. Under FSDP each process holds a shard of each parameter (a
+    DTensor): the squares of the shards' norms, summed over the processes, are the whole's."""
+    params = [p.detach() for p in module.parameters()]
+    sharded = [p for p in params if isinstance(p, DTensor)]
+    total = sum_of_squares([p.to_local() for p in sharded], params[0].device)
+    if sharded:  # a collective: every process gets here at each step, as step_problem's decisions are shared
+        dist.all_reduce(total, group=sharded[0].device_mesh.get_group())
+    whole = sum_of_squares([p for p in params if not isinstance(p, DTensor)], params[0].device)
+    return (total + whole).sqrt().float().item()
+
+
+def sum_of_squares(tensors, device):
+    """The sum of the tensors' squared L2 norms, each norm in float32 and the squares in float64
+    (no overflow where a float32 norm has none)."""
+    norms = [torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]  # one each
+    if not norms:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    return torch.stack(norms).double().square().sum()
 
 
 def step_problem(step, loss, grad_norm, before=None, after=None):

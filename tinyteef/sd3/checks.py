@@ -17,7 +17,7 @@ import tempfile
 
 import torch
 
-from .. import checkpoint
+from .. import bench, checkpoint, parallel
 from ..mmdit import MMDiTConfig
 from .data import list_items
 from .loader import config_from_json, read_config
@@ -26,12 +26,15 @@ from .vae import VAEConfig
 
 POSITIVE_INTS = ("resolution", "batch_size", "micro_batch", "steps", "sample_steps", "t5_length", "synthetic_size",
                  "cache_batch", "preview_count")
-POSITIVE_FLOATS = ("lr", "shift", "teefusion_divisor")
+POSITIVE_FLOATS = ("lr", "shift", "teefusion_divisor", "peak_tflops")
 FINITE_FLOATS = ("w_min", "w_max", "w_inv", "w_weak", "preview_w")
 NON_NEGATIVE_INTS = ("save_every", "preview_every")
 # what W2SD's weak model must share with the teacher: it takes the same latents and text (the rest,
 # its width and depth, may differ)
 INTERFACE = ("in_channels", "out_channels", "patch_size", "joint_attention_dim", "pooled_projection_dim")
+# --random-init with the transformer alone, at a published size (tinyteef.bench.SIZES), on random tensors
+RANDOM_SIZES = ("sd3-medium", "sd3.5-medium", "sd3.5-large")
+CHECKPOINTS = ("checkpoint.pt", "checkpoint")  # OUT's checkpoint: one file, or with --fsdp a folder of shards
 
 
 def flag(name):
@@ -59,10 +62,12 @@ def flag_error(args):
         return f"--device {args.device}: not a device torch knows; use cpu, cuda or cuda:N"
     checks = (
         (args.random_init is None and (args.model is None or args.data is None),
-         "give --model DIR and --data DIR (or --random-init tiny|sd3-medium to try it without downloads)"),
+         f"give --model DIR and --data DIR (or --random-init {'|'.join(('tiny',) + RANDOM_SIZES)} to try it without "
+         "downloads)"),
         (args.random_init is not None and args.model is not None, "--random-init replaces --model; give one of them"),
-        (args.random_init == "sd3-medium" and args.data is not None,
-         "--random-init sd3-medium builds no VAE or text encoders and trains on random tensors: leave out --data"),
+        (args.random_init in RANDOM_SIZES and args.data is not None,
+         f"--random-init {args.random_init} builds no VAE or text encoders and trains on random tensors: leave out "
+         "--data"),
         (args.teacher == "w2sd" and args.weak_model is None and args.random_init is None,
          "--teacher w2sd needs --weak-model DIR: W2SD reflects each step by inverting with a weak model (Eq. 3), a "
          "weaker model of the same architecture, e.g. an earlier or less trained checkpoint of the teacher; or use "
@@ -72,6 +77,8 @@ def flag_error(args):
         (args.preview_every and args.data is not None and not args.w_min <= args.preview_w <= args.w_max,
          f"--preview-w {args.preview_w:g} must lie in [--w-min, --w-max] = [{args.w_min:g}, {args.w_max:g}], "
          "the range the student is distilled on"),
+        (not args.fsdp and (args.fsdp_frozen, args.fsdp_grad_sync) != ("whole", "step"),
+         "--fsdp-frozen and --fsdp-grad-sync apply with --fsdp only"),
         (args.batch_size % args.micro_batch,
          f"--batch-size {args.batch_size} must be a multiple of --micro-batch {args.micro_batch}"),
         (device.type == "cuda" and not torch.cuda.is_available(),
@@ -85,8 +92,8 @@ def geometry(model_dir, random_init):
     loaded), or known for --random-init; None when its transformer has no config.json."""
     if random_init == "tiny":
         return MMDiTConfig(**SIZES["transformer"]), 2 ** (len(SIZES["vae"]["block_out_channels"]) - 1)
-    if random_init == "sd3-medium":
-        return MMDiTConfig(), 8
+    if random_init in RANDOM_SIZES:  # the transformer alone: SD3's VAE (8x) is implied
+        return MMDiTConfig(**bench.SIZES[random_init]), 2 ** (len(VAEConfig.block_out_channels) - 1)
     d = read_config(os.path.join(model_dir, "transformer"))
     if d is None:
         return None
@@ -136,12 +143,32 @@ def compare_run(old, run, where, out):
                              f"use another --out, or delete {out} to start over")
 
 
+def checkpoint_path(args):
+    """OUT/checkpoint.pt, or with --fsdp the folder OUT/checkpoint of shards (tinyteef.parallel)."""
+    return os.path.join(args.out, CHECKPOINTS[1] if args.fsdp else CHECKPOINTS[0])
+
+
+def read_checkpoint(path, fsdp):
+    """The step and run config of the checkpoint at `path`, after a cheap look that it reads; a
+    ValueError naming it, that says what to do, if not."""
+    hint = "delete it and run again without --resume: training starts over, the data cache and the rest of the " \
+           "folder are kept"
+    if fsdp:  # its run.json, and DCP's index of the shards
+        state = parallel.read_meta(path, hint)
+    else:  # mapped, not read: the pickle's records are read, the tensors only when train_sd3 loads it
+        state = checkpoint.load(path, mmap=True, hint=hint)
+    if not (isinstance(state, dict) and isinstance(state.get("step"), int)):
+        raise ValueError(f"{path} is not a checkpoint of train_sd3.py; delete it or use another --out")
+    return state["step"], state.get("config", {})
+
+
 def check_run(args, run):
     """Everything about the run's folder --out before any work: it is writable; the run it holds
-    (config.json) is this one; a checkpoint is there exactly when --resume asks for one, reads, and
-    is this run's, before --steps; the data folder lists. Raises ValueError (or OSError for an
-    unwritable folder). Returns the data's [(image, caption)], or None without --data."""
-    out, ckpt_path = args.out, os.path.join(args.out, "checkpoint.pt")
+    (config.json) is this one; a checkpoint is there exactly when --resume asks for one, in the
+    form of this run (a file, or with --fsdp a folder of shards), reads, and is this run's, before
+    --steps; the data folder lists. Raises ValueError (or OSError for an unwritable folder).
+    Returns the data's [(image, caption)], or None without --data."""
+    out, ckpt_path = args.out, checkpoint_path(args)
     try:  # a folder we cannot write into fails here, not at the first save hours later
         os.makedirs(out, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=out, prefix=".probe-")
@@ -157,20 +184,18 @@ def check_run(args, run):
             except ValueError as e:
                 raise ValueError(f"{config} is not JSON ({e}); delete it (it is written again) or use another --out")
         compare_run(old, run, out, out)
-    if os.path.isfile(ckpt_path) and not args.resume:
+    saved = [name for name in CHECKPOINTS if os.path.exists(os.path.join(out, name))]
+    if saved and not args.resume:
         raise ValueError(f"{out} holds a checkpoint; pass --resume to continue it, or use another --out")
     if args.resume:
-        if not os.path.isfile(ckpt_path):
-            raise ValueError(f"--resume: {out} has no checkpoint.pt to continue")
-        # mapped, not read: the pickle's records are read (a cheap check that the file is whole), the
-        # tensors only when train_sd3 loads it
-        state = checkpoint.load(ckpt_path, mmap=True, hint="delete it and run again without --resume: training "
-                                "starts over, the data cache and the rest of the folder are kept")
-        if not (isinstance(state, dict) and isinstance(state.get("step"), int)):
-            raise ValueError(f"{ckpt_path} is not a checkpoint of train_sd3.py; delete it or use another --out")
-        compare_run(state.get("config", {}), run, ckpt_path, out)
-        if state["step"] >= args.steps:
-            raise ValueError(f"{ckpt_path} is at step {state['step']} already: give --steps above it to train on")
+        name = os.path.basename(ckpt_path)
+        if name not in saved:
+            how = f" (its {saved[0]} is from a run {'without' if args.fsdp else 'with'} --fsdp: resume it so)"
+            raise ValueError(f"--resume: {out} has no {name} to continue" + (how if saved else ""))
+        step, old = read_checkpoint(ckpt_path, args.fsdp)
+        compare_run(old, run, ckpt_path, out)
+        if step >= args.steps:
+            raise ValueError(f"{ckpt_path} is at step {step} already: give --steps above it to train on")
     return list_items(args.data) if args.data is not None else None
 
 
@@ -189,6 +214,6 @@ def one_line_errors(main):
         except OSError as e:
             where = e.filename if e.filename is not None else "a file of the run"
             hint = hints.get(e.errno, "check the path")
-            raise SystemExit(f"error: {where}: {e.strerror or e}; {hint}, then run again (add --resume if "
-                             "checkpoint.pt was written: the last one is kept)") from e
+            raise SystemExit(f"error: {where}: {e.strerror or e}; {hint}, then run again (add --resume if a "
+                             "checkpoint was written: the last one is kept)") from e
     return wrapped

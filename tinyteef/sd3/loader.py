@@ -11,12 +11,11 @@ Weights are read with our own safetensors reader: nothing is unpickled.
 import json
 import math
 import os
-import re
-import shutil
 from dataclasses import asdict, fields
 
 import torch
 
+from .. import checkpoint
 from ..guidance import PAPER_W_RANGE, TEEFUSION_DIVISOR, DistillCFG, Student
 from ..mmdit import MMDiT, MMDiTConfig
 from ..safetensors import load_file, load_sharded, read_header, save_file
@@ -281,26 +280,11 @@ def save_student(folder, student, teacher_dir=None, record=None):
     config.json, read back by load_student), every other component linked to the teacher's folder.
 
     `folder` is a symbolic link to the newest version, `folder.N` beside it: each save writes a whole
-    new version, then replaces the link in one rename (os.replace of a new link over the old one is
-    atomic on POSIX), so `folder` is a complete student at every instant and a save stopped anywhere
-    leaves the previous one. (Two renames of directories, old away and new in, would leave an
-    instant with no `folder`.) The older versions are deleted after the swap, and what a stopped
-    save left is deleted by the next one. A `folder` written as a plain directory before versions
-    existed is moved aside once, the only save with an instant without it."""
-    parent, name = os.path.split(os.path.abspath(folder))
-    version = re.compile(re.escape(name) + r"\.(\d+)")
-    versions = lambda: [v for v in os.listdir(parent) if version.fullmatch(v)]
-    new = f"{name}.{max((int(version.fullmatch(v)[1]) for v in versions()), default=0) + 1}"
-    save_transformer(os.path.join(parent, new), student.model, student.H, {STUDENT_RECORD: record or {}})
+    new version, then replaces the link in one rename (checkpoint.swap_in), so `folder` is a complete
+    student at every instant and a save stopped anywhere leaves the previous one. The older versions
+    are deleted after the swap, and what a stopped save left is deleted by the next one."""
+    new = checkpoint.next_version(folder)
+    save_transformer(new, student.model, student.H, {STUDENT_RECORD: record or {}})
     if teacher_dir is not None:
-        link_components(os.path.join(parent, new), teacher_dir)
-    path, link = os.path.join(parent, name), os.path.join(parent, f".tmp-{name}.link")
-    if os.path.isdir(path) and not os.path.islink(path):
-        os.replace(path, os.path.join(parent, f"{name}.0"))
-    if os.path.lexists(link):
-        os.remove(link)
-    os.symlink(new, link, target_is_directory=True)  # relative: the run's folder may be moved
-    os.replace(link, path)
-    for v in versions():
-        if v != new:
-            shutil.rmtree(os.path.join(parent, v))
+        link_components(new, teacher_dir)
+    checkpoint.swap_in(folder, new)

@@ -111,15 +111,19 @@ def run(sampler, model, x, ts, c, u, w, weak=None, w_inv=-1.0, w_weak=None, prog
 def preview(path, student, teacher, weak, vae, x, c, u, w, ts, teacher_sampler, w_inv=-1.0, w_weak=None):
     """One PNG at `path`: the teacher sampler's samples (top row) and the student's (bottom row)
     from the same latents x and prompts c, at guidance w, decoded by the VAE one by one. The
-    teacher's row, which never changes during a run, is computed once and kept beside the PNG."""
+    teacher's row, which never changes during a run, is computed once and kept beside the PNG.
+    vae=None samples without decoding or writing: the other processes of a sharded (FSDP) run,
+    whose passes the sharded models need."""
     decode = lambda z: torch.cat([(vae.decode(zi[None].float()).clamp(-1, 1) + 1) / 2 for zi in z])
     os.makedirs(os.path.dirname(path), exist_ok=True)
     teacher_path = os.path.join(os.path.dirname(path), "teacher.pt")
     if not os.path.isfile(teacher_path):
         samples = run(teacher_sampler, teacher, x, ts, c, u, w, weak, w_inv, w_weak, progress=False)
-        checkpoint.save(decode(samples.x).cpu(), teacher_path)
-    mine = decode(samplers.student(student, x, ts, c, u, w).x).cpu()
-    save_image(torch.cat([checkpoint.load(teacher_path), mine]), path, nrow=len(x))
+        if vae is not None:
+            checkpoint.save(decode(samples.x).cpu(), teacher_path)
+    mine = samplers.student(student, x, ts, c, u, w).x
+    if vae is not None:
+        save_image(torch.cat([checkpoint.load(teacher_path), decode(mine).cpu()]), path, nrow=len(x))
 
 
 def main(argv=None):
