@@ -133,6 +133,7 @@ def test_measure_and_section_write_the_figure_and_a_row_per_w(tmp_path):
     scorer = SimpleNamespace(c=c, u=u, noise=torch.randn(6, 4, 8, 8), ts=time_grid(3),
                              evaluator=Evaluator(4, [3], width=8).eval())
     ws = (0.0, 2.0, 9.0, 14.0, 18.0)
+    students["teefusion"] = torch.compile(students["teefusion"])  # as train_toy.py holds them (never called)
     result = emb.measure(students, scorer, n=3, ws=ws, teacher=teacher)
     assert result["n"] == 3 and result["ws"] == list(ws)
     e = result["entries"]
@@ -141,12 +142,14 @@ def test_measure_and_section_write_the_figure_and_a_row_per_w(tmp_path):
     for name in ("teefusion", "distillcfg", "gpsi_ablation"):  # no sampling outside the trained range
         assert e[name]["cos_img"][0] is None and e[name]["cos_img"][-1] is None
         assert all(v is not None for v in e[name]["cos_img"][1:-1])
-        assert e[name]["t_drift"] < 1e-5 or name == "distillcfg"  # d does not depend on t
-    assert e["distillcfg"]["cos_txt"] == pytest.approx([1.0] * 5) and e["distillcfg"]["cos_img"][1] == pytest.approx(1.0)
+        assert e[name]["t_drift"] < 1e-5  # d does not depend on t
+    assert e["distillcfg"]["cos_txt"] == pytest.approx([1.0] * 5)
+    assert e["distillcfg"]["cos_img"][1:-1] == pytest.approx([1.0] * 3)
     assert all(math.isnan(f) for f in e["distillcfg"]["explained"])
     assert e[emb.EQ5]["cos_txt"][0] == pytest.approx(1.0) and e[emb.EQ5]["cos_img"][0] == pytest.approx(1.0)
     assert sum(e["teefusion"]["explained"]) <= 1 + 1e-9 and e["teefusion"]["cos_txt"][2] < 0.999
     title, lines = emb.section(tmp_path, result)
+    assert title.startswith("Fig. 6 in small")
     png = Image.open(tmp_path / "embedding.png")
     assert png.width > 4 * 200  # four panels and the colour bar side by side
     rows = [line for line in lines if line.startswith("| ") and line.split(" | ")[0][2:] in {f"{w:g}" for w in ws}]
