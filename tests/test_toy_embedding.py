@@ -12,6 +12,7 @@ from PIL import Image
 
 import toy.embedding as emb
 from conftest import random_mmdit
+from tinyteef import checkpoint
 from tinyteef.flow import time_grid
 from tinyteef.guidance import DistillCFG, Student, Text
 from toy.evaluator import Evaluator
@@ -148,6 +149,8 @@ def test_measure_and_section_write_the_figure_and_a_row_per_w(tmp_path):
     assert all(math.isnan(f) for f in e["distillcfg"]["explained"])
     assert e[emb.EQ5]["cos_txt"][0] == pytest.approx(1.0) and e[emb.EQ5]["cos_img"][0] == pytest.approx(1.0)
     assert sum(e["teefusion"]["explained"]) <= 1 + 1e-9 and e["teefusion"]["cos_txt"][2] < 0.999
+    checkpoint.save(result, tmp_path / "embedding.pt")  # as train_toy.py caches a stage's result
+    result = checkpoint.load(tmp_path / "embedding.pt")
     title, lines = emb.section(tmp_path, result)
     assert title.startswith("Fig. 6 in small")
     png = Image.open(tmp_path / "embedding.png")
