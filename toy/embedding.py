@@ -129,10 +129,11 @@ def fused_sample(net, x, ts, c: Text, u: Text, w):
 def image_cosines(net, ws, c: Text, u: Text, noise, ts, evaluator):
     """Cos Sim.img per w (None where a student may not sample): the cosine between the evaluator's
     features of the original and of the fused sample from the same noise, averaged over the prompts."""
-    def feats(x):
+    def feats(x):  # in float32, as the Scorer reads samples (sampling alone runs under autocast)
         return features(evaluator, x.float().clamp(-1, 1))  # (B, F)
     with autocast(noise.device):
-        f0 = feats(original_sample(net, noise, ts, c))
+        x0 = original_sample(net, noise, ts, c)
+    f0 = feats(x0)
     result = []
     for w in ws:
         with autocast(noise.device):
