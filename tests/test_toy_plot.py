@@ -2,6 +2,8 @@
 
 import math
 
+import pytest
+
 from toy import plot
 
 
@@ -56,3 +58,25 @@ def test_panels_are_laid_out_row_by_row(tmp_path):
     assert image.size == (40, 27)  # rows of widths 40 and 7, heights 20 and 7
     assert image.getpixel((5, 5)) == (255, 0, 0) and image.getpixel((15, 2)) == (0, 255, 0)
     assert image.getpixel((3, 23)) == (0, 0, 255) and image.getpixel((20, 23)) == (255, 255, 255)
+
+
+def test_scatter_points_land_where_their_data_says_on_equal_axes():
+    # two points at (0, 0) (value 0: the map's first colour) and (10, 5) (value 1: its last, a
+    # ring); one unit spans as many pixels along x as along y, the points' centre at the box's centre
+    panel = plot.scatter_panel([0.0, 10.0], [0.0, 5.0], [0.0, 1.0], "title", "x", "y", 0.0, 1.0,
+                               hollow=[False, True], size=(300, 300), radius=3)
+    x0, y0 = plot.MARGIN["left"], plot.MARGIN["top"]
+    x1, y1 = panel.width - plot.MARGIN["right"], panel.height - plot.MARGIN["bottom"]
+    (x_lo, x_hi), (y_lo, y_hi) = plot.equal_ranges([0.0, 10.0], [0.0, 5.0], x1 - x0, y1 - y0)
+    assert (x_hi - x_lo) / (x1 - x0) == pytest.approx((y_hi - y_lo) / (y1 - y0))
+    assert (x_lo + x_hi) / 2 == pytest.approx(5.0) and (y_lo + y_hi) / 2 == pytest.approx(2.5)
+    assert x_lo < 0.0 and x_hi > 10.0  # a margin: no point on the frame
+
+    def at(x, y):
+        return (round(x0 + (x1 - x0) * (x - x_lo) / (x_hi - x_lo)),
+                round(y1 - (y1 - y0) * (y - y_lo) / (y_hi - y_lo)))
+    assert panel.getpixel(at(0.0, 0.0)) == plot.colour_of(0.0)  # a filled disc
+    cx, cy = at(10.0, 5.0)
+    assert panel.getpixel((cx, cy)) != plot.colour_of(1.0)  # a ring: its centre is not filled
+    edge = [panel.getpixel((cx + dx, cy + dy)) for dx in (-4, -3, -2, 2, 3, 4) for dy in (-1, 0, 1)]
+    assert plot.colour_of(1.0) in edge  # its edge is

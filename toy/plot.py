@@ -1,5 +1,6 @@
 """PNG figures for the toy report, drawn with Pillow (which comes with torchvision), so the toy needs
-no plotting library: line curves (loss curves, statistics across w) and heat maps with a colour bar.
+no plotting library: line curves (loss curves, statistics across w), heat maps with a colour bar and
+scatter plots coloured by a value (an embedding projected to 2-D).
 
 Every figure is built from panels (PIL images) that `save_panels` lays out on a grid.
 """
@@ -156,6 +157,44 @@ def heatmap_panel(values, xs, ys, title, x_label, y_label, lo, hi, log=True, out
     if outline is not None:
         draw.rectangle([x0 + outline[0] * cell[0], y0, x0 + (outline[1] + 1) * cell[0] - 1, y1 - 1],
                        outline=WHITE, width=2)
+    return image
+
+
+def equal_ranges(xs, ys, width, height):
+    """(x_lo, x_hi), (y_lo, y_hi) covering the points, widened about their centres so that one
+    unit spans as many pixels along x (box `width` px) as along y (`height` px): distances in the
+    plot are the data's (a projection keeps its shape)."""
+    (x_lo, x_hi), (y_lo, y_hi) = finite_range(xs, False), finite_range(ys, False)
+    per_px = max((x_hi - x_lo) / width, (y_hi - y_lo) / height) * 1.08  # a margin so no point touches the box
+    xc, yc = (x_lo + x_hi) / 2, (y_lo + y_hi) / 2
+    return (xc - per_px * width / 2, xc + per_px * width / 2), (yc - per_px * height / 2, yc + per_px * height / 2)
+
+
+def scatter_panel(xs, ys, values, title, x_label, y_label, lo, hi, hollow=None, size=(300, 280), radius=3):
+    """Points (xs[i], ys[i]) on equal axes (equal_ranges), each a disc coloured by values[i] on
+    [lo, hi] (linear viridis; pair it with colour_bar); hollow[i] True draws a ring instead (e.g.
+    a w outside a student's trained range). Drawn in the given order. Returns a PIL image."""
+    image, draw, (x0, y0, x1, y1) = frame(size, title, x_label, y_label)
+    (x_lo, x_hi), (y_lo, y_hi) = equal_ranges(xs, ys, x1 - x0, y1 - y0)
+    px = lambda x: x0 + (x1 - x0) * unit(x, x_lo, x_hi, False)
+    py = lambda y: y1 - (y1 - y0) * unit(y, y_lo, y_hi, False)
+    for t in ticks(y_lo, y_hi, False):
+        draw.line([(x0, py(t)), (x1, py(t))], fill=GRID)
+        draw.text((x0 - 4, py(t)), label(t), fill=INK, font=font(), anchor="rm")
+    for t in ticks(x_lo, x_hi, False):
+        draw.line([(px(t), y0), (px(t), y1)], fill=GRID)
+        draw.text((px(t), y1 + 5), label(t), fill=INK, font=font(), anchor="ma")
+    hollow = hollow or [False] * len(xs)
+    for x, y, v, ring in zip(xs, ys, values, hollow):
+        if not (math.isfinite(x) and math.isfinite(y)):
+            continue
+        disc = [px(x) - radius, py(y) - radius, px(x) + radius, py(y) + radius]
+        colour = colour_of(unit(v, lo, hi, False))
+        if ring:
+            draw.ellipse(disc, outline=colour, width=1)
+        else:
+            draw.ellipse(disc, fill=colour)
+    draw.rectangle([x0, y0, x1, y1], outline=INK)
     return image
 
 
