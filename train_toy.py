@@ -11,15 +11,16 @@ Stages, each cached in --out and skipped when its result is there (a stopped run
   2. teacher    an MMDiT and a tiny text encoder trained by flow matching with 10% empty prompts,
                 with EMA; the text encoder is frozen after 40% of the steps and the EMA at 60% is
                 kept as W2SD's weak model (the toy's stand-in for the paper's CHATS pair)
-  3. samplers   the teacher's samplers scored: Euler, Euler+CFG, naive Eq. 5, Z-Sampling+CFG,
-                W2SD+CFG
-  4. students   Alg. 1: TeEFusion distilled from each of the three guided samplers; DistillCFG
-                and the G(psi(w)) ablation from W2SD+CFG (sharing its targets)
+  3. samplers   the teacher's samplers scored: Euler, Euler+CFG, naive Eq. 5, Z-Sampling+CFG, W2SD+CFG
+  4. students   Alg. 1: TeEFusion from each guided sampler; DistillCFG, the G(psi(w)) ablation and
+                TeEFusion with logit-normal t from W2SD+CFG; Euler+CFG at Z-Sampling's effective w
   5. schedule   a linear guidance ramp against the constant w, teachers and students, equal cost
   6. negative   negative prompts: how often an attribute the negative prompt names still appears
-  7. fidelity   each student's velocity error against its teacher's target over a (w, t) grid
-  8. report     report.md and PNG figures: the paper's Tables 1/3/4, Fig. 5a and Fig. 4 in small,
-                colour statistics across w, the fidelity heat maps and every stage's loss curves
+  7. fidelity   each student's velocity error against its teacher's target over a (w, t) grid; the
+                distillation curve (Fig. 5b); what each student adds to z over w (Fig. 6)
+  8. report     report.md and PNGs: Tables 1/3/4 and Figs. 4, 5a, 5b, 6 in small, colour across w,
+                fidelity maps, loss curves and the seconds of every stage
+With several seeds (--seeds; the full preset's default is 0 1 2) each runs all of it in OUT/seed-S.
 """
 
 import argparse
@@ -39,14 +40,14 @@ from tinyteef.guidance import DistillCFG, Student
 from tinyteef.mmdit import MMDiT
 from tinyteef.schedules import Ramp
 from toy import data as toydata
-from toy import curve, fidelity, negative, seeds
+from toy import curve, embedding, fidelity, negative, seeds
 from toy.colour import colour_stats
 from toy.evaluator import Evaluator, train_evaluator
 from toy.fast import COMPILE_MODES, adamw, compiled
 from toy.report import (colour_section, curve_section, fidelity_section, run_facts, schedule_section,
                         write_report)
-from toy.methods import (STAGES, STUDENTS, distill_config, matched_rows, method_at, row_guidance, student_method,
-                         teacher_methods)
+from toy.methods import (PAIRS, STAGES, STUDENTS, SWEEP, distill_config, matched_rows, method_at, row_guidance,
+                         student_method, teacher_methods)
 from toy.presets import PRESETS, mmdit_config
 from toy.scoring import Scorer, autocast, score, stage_sweep
 from toy.staging import Clock, check_run, record_run, staged
@@ -342,12 +343,7 @@ def main(argv=None):
 
     # the w sweep (Fig. 5a, Fig. 4): the W2SD+CFG teacher and three of its students, at every w of
     # the preset's sweep over the paper's range [2, 14]: does the student still respond to w?
-    at = {name: method_at(name, students, fast_teacher, fast_weak) for name in (
-        "Teacher Euler+CFG", "TeEFusion from Euler+CFG", "Teacher W2SD+CFG", "TeEFusion from W2SD+CFG",
-        "TeEFusion, term / 256 (authors' SD3 code), from W2SD+CFG", "DistillCFG from W2SD+CFG")}
-    sweep_methods = {"W2SD+CFG": at["Teacher W2SD+CFG"], "TeEFusion": at["TeEFusion from W2SD+CFG"],
-                     "TeEFusion / 256": at["TeEFusion, term / 256 (authors' SD3 code), from W2SD+CFG"],
-                     "DistillCFG": at["DistillCFG from W2SD+CFG"]}
+    sweep_methods = {label: method_at(name, students, fast_teacher, fast_weak) for label, name in SWEEP.items()}
     with clock.stage("w sweep"):
         sweep = stage_sweep(scorer, P, out, sweep_methods)
 
@@ -355,8 +351,7 @@ def main(argv=None):
     # equal cost (beyond the paper: does a schedule help the teachers and their students alike?)
     ramp = Ramp(P.w_min, 2 * P.w - P.w_min)
     ramp_name = f"w ramp {ramp.w_start:g} → {ramp.w_end:g}"
-    pairs = {name: at[name] for name in ("Teacher Euler+CFG", "TeEFusion from Euler+CFG", "Teacher W2SD+CFG",
-                                         "TeEFusion from W2SD+CFG")}
+    pairs = {name: method_at(name, students, fast_teacher, fast_weak) for name in PAIRS}
     with clock.stage("5 schedule"):
         schedule = {name: {"constant": table[name],
                            "schedule": score(scorer, out, f"{name}, {ramp_name}", make(ramp), timing=False)}
@@ -378,11 +373,16 @@ def main(argv=None):
     with clock.stage("distillation curve"):
         fig5b = staged(os.path.join(out, "curve.pt"), lambda: curve.measure(
             scorer, out, P.curve, plain, mode, P.w, table["Teacher W2SD+CFG"]["x"]))
+    # Fig. 6 and the appendix's cosines in small: what each W2SD+CFG student adds to z, over w
+    with clock.stage("embedding"):
+        emb = staged(os.path.join(out, "embedding.pt"), lambda: embedding.measure(
+            {name: students[name] for name in embedding.FIG6_STUDENTS}, scorer, n=64, teacher=fast_teacher,
+            n_images=min(16, P.n_eval // 16)))
 
     # stage 8: the report: the main table with each row's effective guidance, the sweep, the extra
     # sections and figures, and the run's facts
     sections = [schedule_section(schedule, ramp, P.w), negative.section(negated, data.attributes, P.w),
-                fidelity_section(out, fid, (P.w_min, P.w_max)),
+                fidelity_section(out, fid, (P.w_min, P.w_max)), embedding.section(out, emb),
                 colour_section(out, sweep["rows"], list(sweep_methods), colour_stats(data.test_x)),
                 curve_section(out, curves)]
     sections += [curve.section(out, fig5b, table["Teacher W2SD+CFG"])] if any(fig5b.values()) else []

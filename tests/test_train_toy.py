@@ -99,7 +99,7 @@ def test_whole_run_then_cached_then_refused(tmp_path, monkeypatch):
     train_toy.main(["--data", "shapes", "--device", "cpu", "--out", out])
     cached = ("teacher.pt", "students_w2sd.pt", "sweep.pt", "negative.pt", "fidelity.pt",
               "scores/teacher_euler_cfg_w_ramp_2_8.pt")
-    for name in ("report.md", "grid_w.png", "fidelity.png", "losses.png", "colour_w.png") + cached:
+    for name in ("report.md", "grid_w.png", "fidelity.png", "losses.png", "colour_w.png", "embedding.png") + cached:
         assert os.path.exists(os.path.join(out, name)), name
     report = open(os.path.join(out, "report.md")).read()
     assert report.count("\n| ") >= 2 + len(train_toy.STUDENTS) + 5  # header rows, 5 teachers, students
@@ -111,7 +111,8 @@ def test_whole_run_then_cached_then_refused(tmp_path, monkeypatch):
     assert "\n| Teacher Euler+CFG | CFG at w = 5 |" in report and "t ~ uniform" in report
     for section in ("Guidance schedule against the constant w = 5, at equal cost", "Negative prompts",
                     "Fidelity: each student's velocity error", "Colour across w", "Loss curves of every training stage",
-                    "Distillation curve (Fig. 5b in small)", "Time per stage"):
+                    "Distillation curve (Fig. 5b in small)", "Fig. 6 in small: the vector each student adds to z",
+                    "Time per stage"):
         assert f"\n## {section}" in report, section
     # the seconds of every stage (OUT/timing.json, also the report's last table), and the main table
     # that a run over several seeds merges (OUT/table.json), every row of the report in it
@@ -119,7 +120,7 @@ def test_whole_run_then_cached_then_refused(tmp_path, monkeypatch):
         assert list(json.load(f)) == ["1 evaluator", "2 teacher", "3 samplers", "4 students from Euler+CFG",
                                       "4 students from Z-Sampling+CFG", "4 students from W2SD+CFG",
                                       "4 students from W2SD+CFG, t logit-normal", "4 students scored", "w sweep",
-                                      "5 schedule", "6 negative", "7 fidelity", "distillation curve"]
+                                      "5 schedule", "6 negative", "7 fidelity", "distillation curve", "embedding"]
     with open(os.path.join(out, "table.json")) as f:
         table = json.load(f)
     matched = ["Teacher Euler+CFG at w = 11 (Z-Sampling+CFG's effective guidance)", "TeEFusion from Euler+CFG at w = 11"]

@@ -105,3 +105,11 @@ def row_guidance(name, P):
         return f"CFG at w = {matched[name][1]:g}"
     teacher = STUDENTS[name].teacher if name in STUDENTS else TEACHER_SAMPLERS.get(name)
     return "—" if teacher is None else effective_guidance(distill_config(P, teacher), P.w)
+
+
+# the w sweep's methods (Fig. 5a, Fig. 4): its column label -> the row it runs at each w
+SWEEP = {"W2SD+CFG": "Teacher W2SD+CFG", "TeEFusion": "TeEFusion from W2SD+CFG",
+         "TeEFusion / 256": "TeEFusion, term / 256 (authors' SD3 code), from W2SD+CFG",
+         "DistillCFG": "DistillCFG from W2SD+CFG"}
+# the rows the guidance schedule and the negative prompts are tried on: two teachers and their students
+PAIRS = ("Teacher Euler+CFG", "TeEFusion from Euler+CFG", "Teacher W2SD+CFG", "TeEFusion from W2SD+CFG")
