@@ -93,7 +93,7 @@ def loops(P, mode, fused, device):
         with autocast(device):
             return euler_cfg(fast_ema, noise, ts, cs, empty.expand(n), P.w).x
 
-    f = lambda b: model.flops_per_forward(b, 32, 32, P.text_len)  # noqa: E731
+    f = lambda b: model.flops_per_forward(b, 32, 32, P.text_len)
     return {f"teacher step (batch {P.batch})": (teacher_step, 3 * f(P.batch), True),
             f"W2SD+CFG target (batch {B})": (target, 6 * f(B), False),
             f"4 W2SD students (batch {B})": (students_step, 4 * 3 * f(B), True),

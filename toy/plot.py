@@ -102,6 +102,21 @@ def frame(size, title, x_label, y_label, below=0):
     return image, draw, box
 
 
+def axes(draw, box, x_range, y_range, log_y, x_grid=False):
+    """Tick labels on both axes of the plot box, grid lines across it at the y ticks (and at the x
+    ticks with x_grid, else short tick marks). Returns (px, py): data coordinates -> pixels."""
+    (x0, y0, x1, y1), (x_lo, x_hi), (y_lo, y_hi) = box, x_range, y_range
+    px = lambda x: x0 + (x1 - x0) * unit(x, x_lo, x_hi, False)
+    py = lambda y: y1 - (y1 - y0) * unit(y, y_lo, y_hi, log_y)
+    for t in ticks(y_lo, y_hi, log_y):
+        draw.line([(x0, py(t)), (x1, py(t))], fill=GRID)
+        draw.text((x0 - 4, py(t)), label(t), fill=INK, font=font(), anchor="rm")
+    for t in ticks(x_lo, x_hi, False):
+        draw.line([(px(t), y0 if x_grid else y1), (px(t), y1 if x_grid else y1 + 3)], fill=GRID if x_grid else INK)
+        draw.text((px(t), y1 + 5), label(t), fill=INK, font=font(), anchor="ma")
+    return px, py
+
+
 def line_panel(series, title, x_label, y_label, log_y=False, size=(440, 280), hlines=None):
     """Curves on shared axes: series {name: (xs, ys)}; hlines {name: y} draws dashed reference lines
     (e.g. the real data's value). A legend under the axes lists every name. Returns a PIL image."""
@@ -112,14 +127,7 @@ def line_panel(series, title, x_label, y_label, log_y=False, size=(440, 280), hl
     xs_all = [x for xs, _ in series.values() for x in xs]
     x_lo, x_hi = finite_range(xs_all, False)
     y_lo, y_hi = finite_range([y for _, ys in series.values() for y in ys] + list(hlines.values()), log_y)
-    px = lambda x: x0 + (x1 - x0) * unit(x, x_lo, x_hi, False)
-    py = lambda y: y1 - (y1 - y0) * unit(y, y_lo, y_hi, log_y)
-    for t in ticks(y_lo, y_hi, log_y):
-        draw.line([(x0, py(t)), (x1, py(t))], fill=GRID)
-        draw.text((x0 - 4, py(t)), label(t), fill=INK, font=font(), anchor="rm")
-    for t in ticks(x_lo, x_hi, False):
-        draw.line([(px(t), y1), (px(t), y1 + 3)], fill=INK)
-        draw.text((px(t), y1 + 5), label(t), fill=INK, font=font(), anchor="ma")
+    px, py = axes(draw, (x0, y0, x1, y1), (x_lo, x_hi), (y_lo, y_hi), log_y)
     colours = {n: LINE_COLOURS[i % len(LINE_COLOURS)] for i, n in enumerate(names)}
     for name, y in hlines.items():
         for a in range(int(x0), int(x1), 8):  # dashes of 4 px
@@ -176,14 +184,7 @@ def scatter_panel(xs, ys, values, title, x_label, y_label, lo, hi, hollow=None, 
     a w outside a student's trained range). Drawn in the given order. Returns a PIL image."""
     image, draw, (x0, y0, x1, y1) = frame(size, title, x_label, y_label)
     (x_lo, x_hi), (y_lo, y_hi) = equal_ranges(xs, ys, x1 - x0, y1 - y0)
-    px = lambda x: x0 + (x1 - x0) * unit(x, x_lo, x_hi, False)
-    py = lambda y: y1 - (y1 - y0) * unit(y, y_lo, y_hi, False)
-    for t in ticks(y_lo, y_hi, False):
-        draw.line([(x0, py(t)), (x1, py(t))], fill=GRID)
-        draw.text((x0 - 4, py(t)), label(t), fill=INK, font=font(), anchor="rm")
-    for t in ticks(x_lo, x_hi, False):
-        draw.line([(px(t), y0), (px(t), y1)], fill=GRID)
-        draw.text((px(t), y1 + 5), label(t), fill=INK, font=font(), anchor="ma")
+    px, py = axes(draw, (x0, y0, x1, y1), (x_lo, x_hi), (y_lo, y_hi), False, x_grid=True)
     hollow = hollow or [False] * len(xs)
     for x, y, v, ring in zip(xs, ys, values, hollow):
         if not (math.isfinite(x) and math.isfinite(y)):
