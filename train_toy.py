@@ -3,7 +3,7 @@
     python train_toy.py                                    # CIFAR-10 (downloaded on first use)
     python train_toy.py --data shapes                      # generated in code, needs nothing
     python train_toy.py --data fashion-mnist --data-root /usr/share/datasets/fashion-mnist
-    python train_toy.py --preset smoke --device cpu        # every stage, tiny, in about 75 s on 2 cores
+    python train_toy.py --preset smoke --device cpu        # every stage, tiny, in about 30 s on 2 cores
     python train_toy.py --compile off                      # the eager path on a GPU (default: graphs)
 
 Stages, each cached in --out and skipped when its result is there (a stopped run resumes):
@@ -47,7 +47,7 @@ from toy.fast import COMPILE_MODES, adamw, compiled
 from toy.report import (colour_section, curve_section, fidelity_section, run_facts, schedule_section,
                         write_report)
 from toy.methods import STUDENTS, distill_config, method_at, row_guidance, student_method, teacher_methods
-from toy.presets import PRESETS, mmdit_config
+from toy.presets import PRESETS, mmdit_config, with_defaults
 from toy.scoring import Scorer, autocast, score, stage_sweep
 from toy.staging import Clock, staged
 from toy.text import PromptBank, TextEncoder, Tokenizer
@@ -99,11 +99,12 @@ def stage_evaluator(data, P, device, out, seed):
     """Stage 1: a classifier of the real images (OUT/evaluator.pt), whose predictions give prompt
     accuracy and whose features give the Fréchet distance. Returns (model, its record)."""
     def compute():
-        model, acc = train_evaluator(data, steps=P.eval_steps, device=device, seed=seed)
+        model, acc = train_evaluator(data, steps=P.eval_steps, batch_size=P.eval_batch, device=device, seed=seed,
+                                     width=P.eval_width)
         return {"state": model.state_dict(), "accuracy": acc["accuracy"],
                 "per_attribute": acc["accuracy_per_attribute"], "losses": acc["losses"]}
     result = staged(os.path.join(out, "evaluator.pt"), compute)
-    model = Evaluator(data.channels, data.classes).to(device).eval()
+    model = Evaluator(data.channels, data.classes, P.eval_width).to(device).eval()
     model.load_state_dict(result["state"])
     return model, result
 
@@ -279,7 +280,8 @@ def main(argv=None):
     cfg_path = os.path.join(out, "config.json")
     if os.path.exists(cfg_path):
         with open(cfg_path) as f:
-            if json.load(f) != json.loads(json.dumps(run)):
+            stored = json.load(f)
+            if {**stored, "preset": with_defaults(stored["preset"])} != json.loads(json.dumps(run)):
                 raise SystemExit(f"error: {out} holds a run with another --data, --data-root, --preset or --seed; "
                                  "use another --out or delete that folder")
     torch.manual_seed(args.seed)
