@@ -23,6 +23,15 @@ REQUIRE_ORACLES = os.environ.get("TINYTEEF_REQUIRE_ORACLES") == "1"
 VERSIONED = ("torch", "diffusers", "transformers", "tokenizers", "safetensors", "scipy", "numpy")
 
 
+def pytest_configure(config):
+    """One torch thread on a machine of 2 cores, as train_toy.py's command line: each op of the
+    tests' tiny models waits for both threads, so any other busy process stalls the suite
+    (tests/test_train_toy.py on 1 thread: 19 s; on 2: 12 s idle, 455 s beside another test run).
+    OMP_NUM_THREADS, when set, decides instead."""
+    if (os.cpu_count() or 1) <= 2 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
+
+
 def pytest_sessionstart(session):
     """Print the Python and library versions first. Not pytest_report_header: `pytest -q` (the
     README's command) hides the header."""
