@@ -3,7 +3,7 @@
     python train_toy.py                                    # CIFAR-10 (downloaded on first use)
     python train_toy.py --data shapes                      # generated in code, needs nothing
     python train_toy.py --data fashion-mnist --data-root /usr/share/datasets/fashion-mnist
-    python train_toy.py --preset smoke --device cpu        # every stage, tiny, in about 75 s on 2 cores
+    python train_toy.py --preset smoke --device cpu        # every stage, tiny, in about 30 s on 2 cores
     python train_toy.py --compile off                      # the eager path on a GPU (default: graphs)
 
 Stages, each cached in --out and skipped when its result is there (a stopped run resumes):
@@ -43,7 +43,7 @@ from toy import data as toydata
 from toy import curve, embedding, fidelity, negative, seeds
 from toy.colour import colour_stats
 from toy.evaluator import Evaluator, train_evaluator
-from toy.fast import COMPILE_MODES, adamw, compiled
+from toy.fast import COMPILE_MODES, adamw, compiled, cpu_threads
 from toy.report import (colour_section, curve_section, fidelity_section, run_facts, schedule_section,
                         write_report)
 from toy.methods import (PAIRS, STAGES, STUDENTS, SWEEP, distill_config, matched_rows, method_at, row_guidance,
@@ -106,11 +106,12 @@ def stage_evaluator(data, P, device, out, seed):
     """Stage 1: a classifier of the real images (OUT/evaluator.pt), whose predictions give prompt
     accuracy and whose features give the Fréchet distance. Returns (model, its record)."""
     def compute():
-        model, acc = train_evaluator(data, steps=P.eval_steps, device=device, seed=seed)
+        model, acc = train_evaluator(data, steps=P.eval_steps, batch_size=P.eval_batch, device=device, seed=seed,
+                                     width=P.eval_width)
         return {"state": model.state_dict(), "accuracy": acc["accuracy"],
                 "per_attribute": acc["accuracy_per_attribute"], "losses": acc["losses"]}
     result = staged(os.path.join(out, "evaluator.pt"), compute)
-    model = Evaluator(data.channels, data.classes).to(device).eval()
+    model = Evaluator(data.channels, data.classes, P.eval_width).to(device).eval()
     model.load_state_dict(result["state"])
     return model, result
 
@@ -279,8 +280,7 @@ def main(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda, but torch sees no GPU; use --device cpu (and --preset smoke)")
     mode = args.compile or ("graphs" if device.type == "cuda" else "off")  # not part of the run: rounding only
-    # the run's folder and what defines the run: another dataset, preset or seed is another run,
-    # refused here rather than mixed with the cached stages of this one
+    # the run's folder and what defines the run (toy/staging.py's check_run)
     out = args.out or os.path.join("runs", f"toy-{args.data}-{args.preset}")
     if args.seed is not None and args.seeds:
         raise SystemExit("error: give --seed (one run) or --seeds (several), not both")
@@ -379,8 +379,7 @@ def main(argv=None):
             {name: students[name] for name in embedding.FIG6_STUDENTS}, scorer, n=64, teacher=fast_teacher,
             n_images=min(16, P.n_eval // 16)))
 
-    # stage 8: the report: the main table with each row's effective guidance, the sweep, the extra
-    # sections and figures, and the run's facts
+    # stage 8: the report: the main table, the sweep, the other sections and figures, the run's facts
     sections = [schedule_section(schedule, ramp, P.w), negative.section(negated, data.attributes, P.w),
                 fidelity_section(out, fid, (P.w_min, P.w_max)), embedding.section(out, emb),
                 colour_section(out, sweep["rows"], list(sweep_methods), colour_stats(data.test_x)),
@@ -397,4 +396,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    cpu_threads()  # one torch thread on a machine of 2 cores (toy/fast.py says why)
     main()

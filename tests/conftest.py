@@ -23,6 +23,14 @@ REQUIRE_ORACLES = os.environ.get("TINYTEEF_REQUIRE_ORACLES") == "1"
 VERSIONED = ("torch", "diffusers", "transformers", "tokenizers", "safetensors", "scipy", "numpy")
 
 
+def pytest_configure(config):
+    """One torch thread on a machine of 2 cores, as train_toy.py's command line (toy/fast.py's
+    cpu_threads): tests/test_train_toy.py took 19 s on 1 thread; on 2, 12 s idle but 455 s beside
+    another test run. OMP_NUM_THREADS, when set, decides instead."""
+    from toy.fast import cpu_threads
+    cpu_threads()
+
+
 def pytest_sessionstart(session):
     """Print the Python and library versions first. Not pytest_report_header: `pytest -q` (the
     README's command) hides the header."""

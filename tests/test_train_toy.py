@@ -145,3 +145,13 @@ def test_whole_run_then_cached_then_refused(tmp_path, monkeypatch):
     assert this < 600 and 7200 <= since < 7200 + 600
     with pytest.raises(SystemExit, match="another --data, --data-root, --preset or --seed"):
         train_toy.main(["--data", "shapes", "--device", "cpu", "--out", out, "--seed", "1"])
+
+
+def test_run_folder_of_an_older_preset_stays_valid():
+    # config.json of a run made before the preset had eval_width and eval_batch: that run trained
+    # the evaluator at their defaults (32 wide, batch 256), as quick and full still do
+    for name, same in (("quick", True), ("full", True), ("smoke", False)):
+        now = dataclasses.asdict(train_toy.PRESETS[name])
+        older = {k: v for k, v in now.items() if k not in ("eval_width", "eval_batch")}
+        assert (train_toy.with_defaults(older) == now) == same, name
+    assert (train_toy.PRESETS["quick"].eval_width, train_toy.PRESETS["quick"].eval_batch) == (32, 256)

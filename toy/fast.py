@@ -14,6 +14,8 @@ Both change results by float rounding only (tests/test_toy_fast.py compares them
 path); tests/bench_toy.py measures what each gives.
 """
 
+import os
+
 import torch
 
 COMPILE_MODES = ("off", "fuse", "graphs")
@@ -35,3 +37,11 @@ def adamw(params, lr, fused=False):
     """The toy's optimizer (no weight decay); `fused`: one kernel per step instead of a few per tensor."""
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=fused)
 
+
+def cpu_threads():
+    """One torch thread on a machine of 2 cores or fewer, unless OMP_NUM_THREADS says otherwise: the
+    toy's ops are small, each waits for both threads, and any other busy process then stalls the run
+    (smoke preset, 2026-12-01, this project's 2-core machine: 27 s on 1 thread; on 2, 19 s idle but
+    34 to 130 s beside a test run). train_toy.py's command line and the test suite call it."""
+    if (os.cpu_count() or 1) <= 2 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)

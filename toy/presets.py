@@ -3,6 +3,7 @@ first look on a GPU, full for the figures of docs/toy-results.md. Method hyper-p
 the paper: w ~ U[2, 14], t ~ U[0, 1], w = 5 for the tables, Eq. 7 as written (divisor 1; see
 docs/toy-results.md for why not 256)."""
 
+import dataclasses
 from dataclasses import dataclass
 
 from tinyteef.distill import DistillConfig
@@ -41,6 +42,8 @@ class Preset:
     # (docs/toy-results.md)
     teefusion_divisor: float = 1.0
     ema: float = 0.999
+    eval_width: int = 32  # the evaluator's first stage width (then 2x, 4x): toy/evaluator.py
+    eval_batch: int = 256  # the evaluator's training batch
     # Fig. 5b in small: the distillation steps at which TeEFusion and DistillCFG from W2SD+CFG are
     # kept and scored (each at most distill_steps)
     curve: tuple = ()
@@ -48,11 +51,14 @@ class Preset:
 
 
 PRESETS = {
-    # every stage, tiny, on a CPU in about 75 s on 2 cores (CI runs it)
-    "smoke": Preset(limit=(1000, 200), eval_steps=40, width=64, layers=2, text_width=32, text_layers=1,
-                    teacher_steps=120, batch=32, lr=1e-3, sample_steps=4, n_eval=64, distill_steps=20,
-                    distill_batch=16, distill_lr=1e-4, sweep=(2.0, 8.0, 14.0), save_every=50, time_batch=32,
-                    curve=(10, 20)),
+    # every stage and report section, tiny, on a CPU in about 30 s on 2 cores (CI runs it): its
+    # numbers only show that each stage ran. A half-width evaluator (a quarter of the convolutions'
+    # work); 16 scored images, ms / image from the second batch of 8; students at batch 4, so the
+    # fidelity grid uses 2 images per cell; the teacher at batch 16 still falls to the loss of 32
+    "smoke": Preset(limit=(1000, 200), eval_steps=60, width=64, layers=2, text_width=32, text_layers=1,
+                    teacher_steps=120, batch=16, lr=1e-3, sample_steps=4, n_eval=16, distill_steps=20,
+                    distill_batch=4, distill_lr=1e-4, sweep=(2.0, 8.0, 14.0), save_every=50, time_batch=8,
+                    eval_width=16, eval_batch=64, curve=(10, 20)),
     # a first look on a GPU in a few minutes
     "quick": Preset(limit=None, eval_steps=800, width=256, layers=4, text_width=128, text_layers=2,
                     teacher_steps=1500, batch=256, lr=3e-4, sample_steps=16, n_eval=500, distill_steps=200,
@@ -65,6 +71,13 @@ PRESETS = {
                    distill_batch=128, distill_lr=1e-4, sweep=(2.0, 4.0, 6.0, 8.0, 11.0, 14.0), save_every=250,
                    time_batch=500, curve=(250, 500, 1000, 2000), seeds=(0, 1, 2)),
 }
+
+
+def with_defaults(stored):
+    """A run's preset as its config.json stores it, with the fields added since it was written at
+    their defaults (what that run used), so that an older run's folder stays valid."""
+    return {**{f.name: f.default for f in dataclasses.fields(Preset) if f.default is not dataclasses.MISSING},
+            **stored}
 
 
 def mmdit_config(data, P):

@@ -14,15 +14,18 @@ import torch
 from tinyteef import checkpoint
 from tinyteef.checkpoint import atomic_write
 
+from .presets import with_defaults
+
 
 def check_run(out, run):
     """Refuse an --out that holds another run than `run` (its config.json differs)."""
     path = os.path.join(out, "config.json")
     if os.path.exists(path):
         with open(path) as f:
-            if json.load(f) != json.loads(json.dumps(run)):
-                raise SystemExit(f"error: {out} holds a run with another --data, --data-root, --preset or --seed; "
-                                 "use another --out or delete that folder")
+            stored = json.load(f)  # a preset's fields added since it was written: at their defaults
+        if {**stored, "preset": with_defaults(stored.get("preset", {}))} != json.loads(json.dumps(run)):
+            raise SystemExit(f"error: {out} holds a run with another --data, --data-root, --preset or --seed; "
+                             "use another --out or delete that folder")
 
 
 def record_run(out, run, started):
