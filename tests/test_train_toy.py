@@ -13,6 +13,7 @@ import torch
 import train_toy
 from tinyteef import checkpoint
 from toy import data as toydata
+from toy.presets import with_defaults
 
 TINY = dataclasses.replace(train_toy.PRESETS["smoke"], limit=(200, 50), eval_steps=5, teacher_steps=20,
                            batch=8, sample_steps=2, n_eval=16, distill_steps=4, distill_batch=4,
@@ -153,5 +154,5 @@ def test_run_folder_of_an_older_preset_stays_valid():
     for name, same in (("quick", True), ("full", True), ("smoke", False)):
         now = dataclasses.asdict(train_toy.PRESETS[name])
         older = {k: v for k, v in now.items() if k not in ("eval_width", "eval_batch")}
-        assert (train_toy.with_defaults(older) == now) == same, name
+        assert (with_defaults(older) == now) == same, name
     assert (train_toy.PRESETS["quick"].eval_width, train_toy.PRESETS["quick"].eval_batch) == (32, 256)

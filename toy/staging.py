@@ -22,8 +22,10 @@ def check_run(out, run):
     path = os.path.join(out, "config.json")
     if os.path.exists(path):
         with open(path) as f:
-            stored = json.load(f)  # a preset's fields added since it was written: at their defaults
-        if {**stored, "preset": with_defaults(stored.get("preset", {}))} != json.loads(json.dumps(run)):
+            stored = json.load(f)
+        # a preset's fields added since it was written at their defaults, those of this run's record only
+        preset = {k: v for k, v in with_defaults(stored.get("preset", {})).items() if k in run["preset"]}
+        if {**stored, "preset": preset} != json.loads(json.dumps(run)):
             raise SystemExit(f"error: {out} holds a run with another --data, --data-root, --preset or --seed; "
                              "use another --out or delete that folder")
 
