@@ -97,3 +97,18 @@ def test_seeds_end_to_end_with_stand_in_runs(tmp_path, monkeypatch):
         os.makedirs(tmp_path / "single", exist_ok=True)
         (tmp_path / "single" / "config.json").write_text("{}")
         train_toy.main(["--data", "shapes", "--device", "cpu", "--seeds", "0", "--out", str(tmp_path / "single")])
+
+
+def test_two_seed_smoke_run(tmp_path):
+    # the real thing, on the CPU: two smoke runs as two processes at once, then the report over them
+    out = str(tmp_path / "run")
+    train_toy.main(["--data", "shapes", "--device", "cpu", "--preset", "smoke", "--seeds", "0", "1",
+                    "--workers", "2", "--out", out])
+    tables = [json.load(open(os.path.join(out, f"seed-{s}", "table.json"))) for s in (0, 1)]
+    assert list(tables[0]) == list(tables[1]) and tables[0] != tables[1]  # the same rows, other seeds
+    report = open(os.path.join(out, "report.md")).read()
+    for name, row in tables[0].items():  # every row as mean ± half-width, the mean the two seeds' mean
+        mean = (row["fd"] + tables[1][name]["fd"]) / 2
+        assert f"| {name} | " in report and f"| {mean:.3f} ± " in report, name
+    for what, _, _ in seeds.comparisons(tables[0]):
+        assert f"| {what} | " in report, what
