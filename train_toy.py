@@ -66,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="output folder (default runs/toy-DATA-PRESET)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=None,
-                   help="one seed, the run in --out (default: the preset's seeds: 0 for smoke and quick, 0 1 2 for full)")
+                   help="one seed, the run in --out (default: the preset's seeds: 0 for smoke, quick; 0 1 2 for full)")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="several seeds, each the whole run in OUT/seed-S, and OUT/report.md over them (means with "
                         "95%% intervals, paired comparisons); replaces --seed")
@@ -197,8 +197,8 @@ def stage_teacher(data, P, device, out, seed, mode):
 
 def stage_students(data, P, device, out, seed, teacher, weak, text, bank, stage, mode):
     """Alg. 1 for one stage of toy/methods.py's STAGES (a teacher sampler and p(t)): every student
-    of STUDENTS in it, trained on the same targets (one teacher target per batch, several students). `mode`: toy/fast.py's
-    compile mode, for the frozen teacher and weak model and the students.
+    of STUDENTS in it, trained on the same targets (one teacher target per batch, several students).
+    `mode`: toy/fast.py's compile mode, for the frozen teacher and weak model and the students.
     Returns ({name: Student}, their loss curves {name: [(step, loss)]})."""
     names = [n for n, spec in STUDENTS.items() if spec.stage == stage]
     fast_teacher, fast_weak = compiled(teacher, mode), compiled(weak, mode)  # for the targets

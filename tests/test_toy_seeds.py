@@ -93,6 +93,8 @@ def test_seeds_end_to_end_with_stand_in_runs(tmp_path, monkeypatch):
     # a second invocation finds every seed's table and launches nothing
     monkeypatch.setattr(seeds, "run_all", lambda commands, slots: commands and pytest.fail("relaunched"))
     train_toy.main(["--data", "shapes", "--device", "cpu", "--seeds", "0", "1", "2", "--out", out])
+    with pytest.raises(SystemExit, match="--workers must be at least 1, got 0"):  # no slot would run forever
+        train_toy.main(["--data", "shapes", "--device", "cpu", "--seeds", "5", "--workers", "0", "--out", out])
     with pytest.raises(SystemExit, match="holds a single-seed run"):
         os.makedirs(tmp_path / "single", exist_ok=True)
         (tmp_path / "single" / "config.json").write_text("{}")

@@ -84,16 +84,16 @@ class DistillConfig:
 
 
 def reach_inversion(config: DistillConfig):
-    """The guidance a of the inversion in a "reach" reflection target, whose step is 2 v_s - v_inv
-    (this module's docstring), or None where the target is CFG at w itself: a CFG teacher, a
+    """The guidance a of the inversion (Eq. 3's M_w^inv) in a "reach" reflection target, whose step is
+    2 v_s - v_inv to first order (Eq. 3-4, this module's docstring), or None where the target is CFG at w itself: a CFG teacher, a
     "refined" target, or W2SD's weak model inverting at the strong w (w_weak None)."""
     a = config.w_inv if config.teacher == "zsampling" else config.w_weak
     return None if config.teacher == "cfg" or config.reflection_target == "refined" else a
 
 
 def effective_w(config: DistillConfig, w):
-    """The guidance weight of the CFG that the teacher sampler (and a student distilled from it)
-    amounts to at w, to first order in the step: 2w - a for a reach target inverting at a
+    """The guidance weight of the CFG (Eq. 2) that the teacher sampler (and a student distilled from
+    it) amounts to at w, to first order in the step: 2w - a for a reach target inverting at a
     (Z-Sampling at a = w_inv = -1: 2w + 1), w otherwise (W2SD: plus its strong-minus-weak bracket)."""
     a = reach_inversion(config)
     return w if a is None else 2 * w - a

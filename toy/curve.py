@@ -25,8 +25,10 @@ def path(out, step):
 def keep(out, step, steps, names, students):
     """After distillation step `step` (counted from 1): at one of `steps`, save the weights of the
     CURVE_STUDENTS among `names` / `students` (a no-op for the other stages)."""
+    if step not in steps:
+        return
     kept = {n: s.state_dict() for n, s in zip(names, students) if n in CURVE_STUDENTS}
-    if kept and step in steps:
+    if kept:
         checkpoint.save(kept, path(out, step))
 
 
@@ -62,7 +64,8 @@ def section(out, curve, teacher):
         cells = []
         for points in curve.values():
             r = dict(points).get(step)
-            cells.append("— | — | —" if r is None else f"{100 * r['accuracy']:.1f}% | {r['fd']:.3f} | {r['rms']:.3f}")
+            cells.append("— | — | —" if r is None
+                         else f"{100 * r['accuracy']:.1f}% | {r['fd']:.3f} | {r['rms']:.3f}")
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
     panels = [plot.line_panel({n: ([p[0] for p in pts], [p[1][k] * scale for p in pts]) for n, pts in curve.items()},
                               title, "distillation step", unit, hlines=hline)

@@ -65,7 +65,8 @@ def comparisons(rows):
            ("t ~ U[0, 1] vs logit-normal (Alg. 1 line 4)", "TeEFusion from W2SD+CFG",
             "TeEFusion from W2SD+CFG, t logit-normal")]
     out += [(f"{n} vs its teacher", n, spec.imitates) for n, spec in STUDENTS.items()]
-    out += [(f"{t} vs Euler+CFG (Table 4)", t, "Teacher Euler+CFG") for t in TEACHER_SAMPLERS if t != "Teacher Euler+CFG"]
+    out += [(f"{t} vs Euler+CFG (Table 4)", t, "Teacher Euler+CFG")
+            for t in TEACHER_SAMPLERS if t != "Teacher Euler+CFG"]
     out += [(f"{r['matches']} vs {name} (matched guidance)", r["matches"], name)
             for name, r in rows.items() if "matches" in r]
     return [c for c in out if c[1] in rows and c[2] in rows]
@@ -140,6 +141,8 @@ def run(script, args, mode, out):
     if os.path.exists(os.path.join(out, "config.json")):
         raise SystemExit(f"error: {out} holds a single-seed run; give --seeds another --out")
     gpu = args.device.startswith("cuda")
+    if args.workers is not None and args.workers < 1:
+        raise SystemExit(f"error: --workers must be at least 1, got {args.workers}")
     workers = args.workers or (cuda_count() if gpu else 1)
     flags = ["--data", args.data, "--preset", args.preset, "--compile", mode,
              "--device", "cuda" if gpu else args.device]  # a child sees its one GPU as "cuda"
