@@ -183,18 +183,15 @@ def load_models(args, model_dir, device):
     return teacher, weak, Student(model, args.student, H, args.teefusion_divisor, (args.w_min, args.w_max))
 
 
-@checks.one_line_errors  # a full disk or a read-only --out: one line naming the file, not a traceback
 def main(argv=None):
     args = parse_args(argv)
-    # Processes: one, or one per GPU under torchrun (which sets WORLD_SIZE, RANK and LOCAL_RANK);
-    # NCCL between GPUs, gloo on the CPU (the tests run two CPU processes)
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device = torch.device(args.device)
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    with parallel.processes(torch.device(args.device)) as (world, rank, device):
+        train(args, world, rank, device)
+
+
+@checks.one_line_errors  # a full disk or a read-only --out: one line naming the file, not a traceback
+def train(args, world, rank, device):
+    """Alg. 1 in this process of `world` (one, or one per GPU under torchrun)."""
     if args.fsdp and world == 1:
         raise SystemExit("error: --fsdp shards the student over processes: start it with torchrun --nproc_per_node N")
     # every process takes the same number of micro-batches, so that their all-reduces line up
@@ -365,8 +362,6 @@ def main(argv=None):
             with autocast:
                 preview(os.path.join(out, "previews", f"step_{done:06d}.png"), student, teacher, weak, vae, noise,
                         c, empty.expand(n), args.preview_w, ts, args.teacher, args.w_inv, args.w_weak)
-    if world > 1:
-        dist.destroy_process_group()
     log0(rank, f"done: {'checkpoint, student and ' if args.save_every else ''}log in {os.path.abspath(out)}")
 
 

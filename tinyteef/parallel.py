@@ -17,6 +17,7 @@ process reads the student whole from it for diffusers (`read_student`).
 import inspect
 import json
 import os
+import sys
 from contextlib import contextmanager, nullcontext
 from functools import partial
 
@@ -63,6 +64,38 @@ def micro_batches(no_sync, rows, step, args, world, rank, device):
         g = torch.Generator(device).manual_seed(args.seed * 1_000_000_007 + step * A + m)
         sync = world == 1 or j == accum - 1
         yield rows[m * mb:(m + 1) * mb], g, nullcontext() if sync else no_sync()
+
+
+@contextmanager
+def processes(device):
+    """(world, rank, device) of this process: one, or one per GPU under torchrun (which sets
+    WORLD_SIZE, RANK and LOCAL_RANK), joined by NCCL between GPUs or gloo on the CPU (the tests run
+    two CPU processes). The group is destroyed on the way out.
+
+    A process of several that stops with an error (SystemExit: one line, as train_sd3.py's checks
+    raise it) prints it and leaves by os._exit, without Python's shutdown: a gloo thread may still be
+    freeing the tensors of the last collective, which needs the interpreter, and a thread that asks
+    for it during shutdown is killed mid-way, which aborts the process (exit -6, not 1; seen about
+    every second run of tests/test_fsdp.py's damaged shard)."""
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield world, rank, device
+    except SystemExit as e:
+        if world == 1:
+            raise
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(e.code if isinstance(e.code, int) else 1)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
 
 
 def barrier(world):
