@@ -12,8 +12,9 @@ Stages, each cached in --out and skipped when its result is there (a stopped run
                 with EMA; the text encoder is frozen after 40% of the steps and the EMA at 60% is
                 kept as W2SD's weak model (the toy's stand-in for the paper's CHATS pair)
   3. samplers   the teacher's samplers scored: Euler, Euler+CFG, naive Eq. 5, Z-Sampling+CFG, W2SD+CFG
-  4. students   Alg. 1: TeEFusion from each guided sampler; DistillCFG, the G(psi(w)) ablation and
-                TeEFusion with logit-normal t from W2SD+CFG; Euler+CFG at Z-Sampling's effective w
+  4. students   Alg. 1 (toy/students.py): TeEFusion from each guided sampler; DistillCFG, the G(psi(w))
+                ablation and TeEFusion with logit-normal t from W2SD+CFG; Euler+CFG at Z-Sampling's
+                effective w. With several GPUs (--workers) its stages train at once, one process each
   5. schedule   a linear guidance ramp against the constant w, teachers and students, equal cost
   6. negative   negative prompts: how often an attribute the negative prompt names still appears
   7. fidelity   each student's velocity error against its teacher's target over a (w, t) grid; the
@@ -34,13 +35,11 @@ import torch.nn.functional as F_
 from tqdm.auto import tqdm
 
 from tinyteef import checkpoint
-from tinyteef.distill import check_w_range, sample_training_point, student_loss, teacher_target
 from tinyteef.flow import interpolate, sample_t_logit_normal, velocity_target
-from tinyteef.guidance import DistillCFG, Student
 from tinyteef.mmdit import MMDiT
 from tinyteef.schedules import Ramp
 from toy import data as toydata
-from toy import curve, embedding, fidelity, negative, seeds
+from toy import curve, embedding, fidelity, negative, seeds, workers
 from toy.colour import colour_stats
 from toy.evaluator import Evaluator, train_evaluator
 from toy.fast import COMPILE_MODES, adamw, compiled, cpu_threads
@@ -51,6 +50,8 @@ from toy.methods import (PAIRS, STAGES, STUDENTS, SWEEP, distill_config, matched
 from toy.presets import PRESETS, mmdit_config
 from toy.scoring import Scorer, autocast, score, stage_sweep
 from toy.staging import Clock, check_run, record_run, staged
+from toy.students import spread as students_spread
+from toy.students import stage_students
 from toy.text import PromptBank, TextEncoder, Tokenizer
 
 
@@ -71,7 +72,11 @@ def parse_args(argv=None):
                    help="several seeds, each the whole run in OUT/seed-S, and OUT/report.md over them (means with "
                         "95%% intervals, paired comparisons); replaces --seed")
     p.add_argument("--workers", type=int, default=None,
-                   help="with --seeds: runs at once, one process each (default: one per visible GPU; 1 on a CPU)")
+                   help="processes at once, one per GPU: the seeds of --seeds, or else the student stages of the "
+                        "run (default: one per visible GPU; 1 on a CPU)")
+    p.add_argument("--only-students", choices=STAGES, default=None,
+                   help="train only this stage's students (into --out, whose teacher is trained) and stop; the run "
+                        "starts one such process per stage itself when --workers is above 1")
     p.add_argument("--compile", choices=COMPILE_MODES, default=None,
                    help="the fast path (toy/fast.py): off = eager; fuse = torch.compile; graphs = also CUDA "
                         "graphs, each fixed-shape call recorded once and replayed (default: graphs on a GPU, off "
@@ -90,12 +95,6 @@ def ema_update(ema, model, decay):
     the trained weights (as SD3's and DiT's released models are): smoother samples at equal steps."""
     with torch.no_grad():
         torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
-
-
-def random_rows(g, n, size):
-    """`size` random indices below n, drawn from the generator g (on its device): batches drawn with
-    replacement from one seeded stream, so that a resumed stage draws what it would have drawn."""
-    return torch.randint(n, (size,), generator=g, device=g.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,7 +160,7 @@ def stage_teacher(data, P, device, out, seed, mode):
                    total=P.teacher_steps)
         for step in bar:
             text.requires_grad_(step < freeze)  # frozen from here on, like SD3's encoders
-            rows = random_rows(g, len(x_all), P.batch)
+            rows = toydata.random_rows(g, len(x_all), P.batch)
             ids = bank.sample(y_all[rows], g)
             drop = torch.rand(P.batch, generator=g, device=device) < P.drop
             ids = torch.where(drop[:, None], bank.empty, ids)  # 10% empty prompts teach v(∅)
@@ -191,83 +190,6 @@ def stage_teacher(data, P, device, out, seed, mode):
     return ema, weak, text, tokenizer, result["losses"]
 
 
-# ---------------------------------------------------------------------------------------------
-# stage 4: distilling (stages 3 and 5-8 score and report through toy/scoring.py and toy/report.py)
-
-
-def stage_students(data, P, device, out, seed, teacher, weak, text, bank, stage, mode):
-    """Alg. 1 for one stage of toy/methods.py's STAGES (a teacher sampler and p(t)): every student
-    of STUDENTS in it, trained on the same targets (one teacher target per batch, several students).
-    `mode`: toy/fast.py's compile mode, for the frozen teacher and weak model and the students.
-    Returns ({name: Student}, their loss curves {name: [(step, loss)]})."""
-    names = [n for n, spec in STUDENTS.items() if spec.stage == stage]
-    fast_teacher, fast_weak = compiled(teacher, mode), compiled(weak, mode)  # for the targets
-    torch.manual_seed(seed)  # DistillCFG's H starts the same whichever stages ran before
-    # one AdamW per student; all of them read the teacher's target of the same batch, which is
-    # computed once (a W2SD+CFG target costs 6 teacher passes per sample)
-    students = []
-    for n in names:  # Alg. 1 line 1: each student starts as a copy of the teacher
-        spec = STUDENTS[n]
-        H = DistillCFG(teacher.config.hidden_size).to(device) if spec.kind == "distillcfg" else None
-        students.append(Student(copy.deepcopy(teacher).requires_grad_(True).train(), spec.kind, H,
-                                P.teefusion_divisor if spec.divisor is None else spec.divisor, (P.w_min, P.w_max)))
-    path, partial = os.path.join(out, f"students_{stage}.pt"), os.path.join(out, f"students_{stage}.partial.pt")
-    opts = [adamw(s.parameters(), P.distill_lr, fused=mode != "off") for s in students]
-    fast_students = [compiled(s, mode) for s in students]
-    if not os.path.exists(path):
-        config = distill_config(P, STAGES[stage].teacher, STAGES[stage].t_dist)
-        for s in students:
-            check_w_range(s, config)
-        g = torch.Generator(device).manual_seed(seed + 2)  # every draw of this stage: data, t, w, noise
-        state = {"step": 0, "losses": []}
-        if os.path.exists(partial):  # resume: weights, optimizers, the generator and the curve
-            state = checkpoint.load(partial)
-            for s, o, st in zip(students, opts, state["students"]):
-                s.load_state_dict(st["student"])  # the model and, for DistillCFG, H
-                o.load_state_dict(st["opt"])
-            g.set_state(state["rng"].to(torch.uint8))
-        x_all, y_all = data.train_x.to(device), data.train_y.to(device)
-        with torch.no_grad():
-            u = text(bank.empty).expand(P.distill_batch)  # ∅, the empty prompt's encoding, per sample
-        bar = tqdm(range(state["step"], P.distill_steps), desc=f"students ({stage})", initial=state["step"],
-                   total=P.distill_steps)
-        for step in bar:
-            # Alg. 1 line 3: x0, c ~ D (an image and a prompt naming its class or attributes)
-            rows = random_rows(g, len(x_all), P.distill_batch)
-            with torch.no_grad():
-                c = text(bank.sample(y_all[rows], g))
-            with autocast(device):
-                # lines 4-7: t ~ p(t), w ~ U[w_min, w_max], eps ~ N(0, I); x_t = (1 - t) x0 + t eps
-                x_t, t, w = sample_training_point(toydata.to_float(x_all[rows]), config, g)
-                # lines 8-11: the teacher sampler's velocity at (x_t, t, w), once for all its students
-                target = teacher_target(fast_teacher, x_t, t, w, c, u, config, fast_weak)
-                losses = []
-                for s, o in zip(fast_students, opts):
-                    # lines 12-13: the student's one pass with z^ (Eq. 7 or a baseline's), MSE
-                    loss = student_loss(s, x_t, t, w, c, u, target)
-                    loss.backward()
-                    o.step()  # line 14: the update (the students are independent: each as it is ready)
-                    o.zero_grad(set_to_none=True)
-                    losses.append(loss.detach())
-                losses = [v.item() for v in losses]  # one wait for the GPU per step, not one per student
-            curve.keep(out, step + 1, P.curve, names, students)  # Fig. 5b: weights at the curve's steps
-            if step % 10 == 0:
-                state["losses"].append((step, *losses))
-                bar.set_postfix(loss=" ".join(f"{v:.4f}" for v in losses))
-            if (step + 1) % P.save_every == 0 and step + 1 < P.distill_steps:
-                checkpoint.save({"step": step + 1, "losses": state["losses"], "rng": g.get_state(), "students": [
-                    {"student": s.state_dict(), "opt": o.state_dict()} for s, o in zip(students, opts)]}, partial)
-        checkpoint.save({"losses": state["losses"], "students": [s.state_dict() for s in students]}, path)
-        if os.path.exists(partial):
-            os.remove(partial)
-    result = checkpoint.load(path)
-    for s, st in zip(students, result["students"]):
-        s.load_state_dict(st)
-        s.requires_grad_(False).eval()
-    curves = {n: [(row[0], row[1 + k]) for row in result["losses"]] for k, n in enumerate(names)}
-    return dict(zip(names, students)), curves
-
-
 def main(argv=None):
     """The whole toy experiment: stages 1-8 in order, each cached in --out (see the docstring)."""
     args = parse_args(argv)
@@ -282,8 +204,8 @@ def main(argv=None):
     mode = args.compile or ("graphs" if device.type == "cuda" else "off")  # not part of the run: rounding only
     # the run's folder and what defines the run (toy/staging.py's check_run)
     out = args.out or os.path.join("runs", f"toy-{args.data}-{args.preset}")
-    if args.seed is not None and args.seeds:
-        raise SystemExit("error: give --seed (one run) or --seeds (several), not both")
+    if args.seeds and (args.seed is not None or args.only_students):
+        raise SystemExit("error: --seeds runs several seeds whole; give it without --seed and --only-students")
     if args.seed is None and args.seeds is None and len(P.seeds) > 1:
         args.seeds = list(P.seeds)
     if args.seeds:  # several seeds: each its own run in OUT/seed-S (toy/seeds.py), then one report
@@ -301,12 +223,20 @@ def main(argv=None):
     except (RuntimeError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     first = record_run(out, run, started)  # only once the data is there: a failed start leaves nothing
-    clock = Clock(out)  # each stage's seconds, for the report's timing table
+    clock = Clock(None if args.only_students else out)  # each stage's seconds, for the report's timing table
     # stages 1 and 2: the evaluator, then the teacher with its text encoder and W2SD's weak model
     with clock.stage("1 evaluator"):
         evaluator, ev = stage_evaluator(data, P, device, out, args.seed)
     with clock.stage("2 teacher"):
         teacher, weak, text, tokenizer, teacher_losses = stage_teacher(data, P, device, out, args.seed, mode)
+    if args.only_students:  # one stage of stage 4 in a process of its own (toy/students.py's spread)
+        stage_students(data, P, device, out, args.seed, teacher, weak, text, PromptBank(data, tokenizer, device),
+                       args.only_students, mode)
+        return
+    if workers.count(args) > 1:  # stage 4's stages at once, one process per worker; cached for the loop below
+        with clock.stage("4 students, at once in processes of their own"):
+            students_spread(os.path.abspath(__file__), [*workers.flags(args, mode), "--seed", str(args.seed), "--out",
+                            out], out, workers.count(args), device.type)
     # the frozen nets as every later stage calls them (compiled on the fast path); the plain modules
     # stay for copying into students and for saving
     fast_teacher, fast_weak = compiled(teacher, mode), compiled(weak, mode)

@@ -13,6 +13,7 @@ import train_toy
 from tests.test_train_toy import TINY
 from toy import data as toydata
 from toy.fast import compiled
+from toy.students import stage_students
 from toy.text import PromptBank
 
 
@@ -51,7 +52,7 @@ def test_fast_path_gives_the_eager_weights(tmp_path, cpu_compile):
     assert gap < 3e-4
     teacher, weak, text, tokenizer, _ = eager
     bank = PromptBank(data, tokenizer, dev)
-    students = {mode: train_toy.stage_students(data, TINY, dev, str(tmp_path / mode), 0, teacher, weak, text,
+    students = {mode: stage_students(data, TINY, dev, str(tmp_path / mode), 0, teacher, weak, text,
                                                bank, "w2sd", mode)[0] for mode in ("off", "fuse")}
     for name, s in students["off"].items():
         gap = max_relative_gap(s.state_dict(), students["fuse"][name].state_dict())

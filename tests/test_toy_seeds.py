@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import train_toy
-from toy import seeds
+from toy import seeds, workers
 from toy.methods import STUDENTS, TEACHER_SAMPLERS
 from toy.stats import interval, paired, t_quantile
 
@@ -37,28 +37,6 @@ def test_interval_and_paired_by_hand():
     assert paired([3.0], [1.0])[2] == 0  # one seed: no interval, nothing held
 
 
-STAMP = "import os, sys, time; open(sys.argv[1], 'w').write(f'{time.time()} '); time.sleep(1.0); " \
-        "open(sys.argv[1], 'a').write(f'{time.time()} {os.environ.get(\"SLOT\")}')"
-
-
-def spans(paths):
-    return [tuple(open(p).read().split()) for p in paths]
-
-
-def test_run_all_uses_every_slot_and_names_a_failure(tmp_path):
-    paths = [str(tmp_path / f"{k}.txt") for k in range(2)]
-    seeds.run_all([[sys.executable, "-c", STAMP, p] for p in paths], [{"SLOT": "a"}, {"SLOT": "b"}])
-    (s0, e0, slot0), (s1, e1, slot1) = spans(paths)
-    assert {slot0, slot1} == {"a", "b"} and float(s1) < float(e0)  # both ran at once
-    seeds.run_all([[sys.executable, "-c", STAMP, p] for p in paths], [{"SLOT": "a"}])
-    (s0, e0, _), (s1, e1, _) = spans(paths)
-    assert float(s1) >= float(e0)  # one slot: in turn
-    with pytest.raises(RuntimeError, match=r"1 seed run\(s\) failed; the first: .*exit status 3"):
-        seeds.run_all([[sys.executable, "-c", "raise SystemExit(3)"], [sys.executable, "-c", STAMP, paths[0]]],
-                      [{}, {}])
-    assert len(spans(paths[:1])[0]) == 3  # the other command still finished
-
-
 FAKE_SEED = """import json, os, sys
 out = sys.argv[sys.argv.index('--out') + 1]
 seed = int(sys.argv[sys.argv.index('--seed') + 1])
@@ -80,8 +58,7 @@ def test_seeds_end_to_end_with_stand_in_runs(tmp_path, monkeypatch):
     rows = {n: (3.0, 0.0) for n in names}
     rows["TeEFusion from W2SD+CFG"], rows["DistillCFG from W2SD+CFG"] = (1.0, 0.1), (2.0, 0.0)
     monkeypatch.setenv("ROWS", json.dumps(rows))
-    monkeypatch.setattr(seeds, "child_command", lambda _, flags, s, out: [
-        sys.executable, str(script), *flags, "--seed", str(s), "--out", out])
+    monkeypatch.setattr(workers, "command", lambda _, argv: [sys.executable, str(script), *argv])
     out = str(tmp_path / "run")
     train_toy.main(["--data", "shapes", "--device", "cpu", "--seeds", "0", "1", "2", "--workers", "2", "--out", out])
     assert "--data shapes --preset smoke --compile off --device cpu" in open(os.path.join(out, "seed-1", "argv.txt")).read()
@@ -91,8 +68,11 @@ def test_seeds_end_to_end_with_stand_in_runs(tmp_path, monkeypatch):
     assert f"| TeEFusion vs DistillCFG (Table 3) | {-0.9:.3f} ± {half:.3f} | first better |" in report
     assert "| TeEFusion vs G(psi(w)) ablation (Table 3) |" in report  # 1.1 vs 3.0 every seed: held too
     # a second invocation finds every seed's table and launches nothing
-    monkeypatch.setattr(seeds, "run_all", lambda commands, slots: commands and pytest.fail("relaunched"))
+    monkeypatch.setattr(workers, "run_all", lambda commands, slots: commands and pytest.fail("relaunched"))
     train_toy.main(["--data", "shapes", "--device", "cpu", "--seeds", "0", "1", "2", "--out", out])
+    for extra in (["--seed", "1"], ["--only-students", "cfg"]):  # one run's flags: refused with --seeds
+        with pytest.raises(SystemExit, match="give it without --seed and --only-students"):
+            train_toy.main(["--data", "shapes", "--device", "cpu", "--seeds", "0", "--out", out, *extra])
     with pytest.raises(SystemExit, match="--workers must be at least 1, got 0"):  # no slot would run forever
         train_toy.main(["--data", "shapes", "--device", "cpu", "--seeds", "5", "--workers", "0", "--out", out])
     with pytest.raises(SystemExit, match="holds a single-seed run"):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import train_toy
+from toy import students
 from tinyteef import checkpoint
 from toy import data as toydata
 from toy.presets import with_defaults
@@ -67,23 +68,23 @@ def test_stopped_students_resume_exactly(tmp_path, monkeypatch):
     teacher, weak, text, tokenizer, _ = train_toy.stage_teacher(data, P, dev, str(tmp_path / "t"), 0, "off")
     bank = train_toy.PromptBank(data, tokenizer, dev)
     args = (data, P, dev)
-    run = lambda out: train_toy.stage_students(*args, str(out), 0, teacher, weak, text, bank, "w2sd", "off")[0]
+    run = lambda out: students.stage_students(*args, str(out), 0, teacher, weak, text, bank, "w2sd", "off")[0]
     whole = run(tmp_path / "whole")
 
     calls = {"n": 0}
-    step = train_toy.teacher_target  # called once per step (Alg. 1 lines 8-11)
+    step = students.teacher_target  # called once per step (Alg. 1 lines 8-11)
 
     def stop_at_step_5(*a, **k):
         calls["n"] += 1
         if calls["n"] == 5:  # after the checkpoint of step 3, before the end
             raise Stop
         return step(*a, **k)
-    monkeypatch.setattr(train_toy, "teacher_target", stop_at_step_5)
+    monkeypatch.setattr(students, "teacher_target", stop_at_step_5)
     with pytest.raises(Stop):
         run(tmp_path / "resumed")
     assert os.path.exists(tmp_path / "resumed" / "students_w2sd.partial.pt")
     calls["n"] = 0  # the resumed run counts its own steps: it continues from step 3 of 6
-    monkeypatch.setattr(train_toy, "teacher_target", counted(step, calls))
+    monkeypatch.setattr(students, "teacher_target", counted(step, calls))
     resumed = run(tmp_path / "resumed")
     assert calls["n"] == 3  # not started again from step 0
     assert any(s.H is not None for s in resumed.values())

@@ -107,6 +107,12 @@ def to_uint8(x):
     return ((x.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
 
 
+def random_rows(g, n, size):
+    """`size` random indices below n, drawn from the generator g (on its device): batches drawn with
+    replacement from one seeded stream, so that a resumed stage draws what it would have drawn."""
+    return torch.randint(n, (size,), generator=g, device=g.device)
+
+
 def shape_images(n, generator, chunk=5000):
     """n random images of one filled shape on faint noise, and their labels (n, 3).
 

@@ -1,18 +1,16 @@
 """Several seeds of the toy run (`train_toy.py --seeds 0 1 2`): each seed is the whole pipeline
 (evaluator, teacher, students, scores: everything varies with the seed) in OUT/seed-S, an ordinary
-run of its own that resumes like one. The seeds run in one process per worker slot, each slot a
-visible GPU (so two GPUs run two seeds at once; one GPU, or the CPU, runs them in turn), and
+run of its own that resumes like one. The seeds run in one process per worker (toy/workers.py: one
+per visible GPU, so two GPUs run two seeds at once; one GPU, or the CPU, runs them in turn), and
 OUT/report.md puts them together: every row as a mean with its 95% interval over the seeds, and the
 paper's comparisons as paired differences (same seed: same teacher, prompts and noise)."""
 
 import json
 import os
-import subprocess
-import sys
-import time
 
 from tinyteef.checkpoint import atomic_write
 
+from . import workers
 from .methods import STUDENTS, TEACHER_SAMPLERS
 from .stats import fmt, interval, paired
 
@@ -25,33 +23,6 @@ def save_table(out, table):
     keys = (*METRICS, "passes", "nominal", "guidance", "matches")
     rows = {name: {k: r[k] for k in keys if k in r} for name, r in table.items()}
     atomic_write(os.path.join(out, TABLE), lambda f: f.write(json.dumps(rows, indent=1).encode()))
-
-
-def child_command(script, argv, seed, out):
-    """The train_toy.py invocation of one seed: the coordinator's own flags, with this seed and folder."""
-    return [sys.executable, script, *argv, "--seed", str(seed), "--out", out]
-
-
-def run_all(commands, slots):
-    """Run the commands, at most one per slot at a time, each with its slot's environment variables
-    (CUDA_VISIBLE_DEVICES on a GPU); wait for all. Raises RuntimeError naming the first that failed
-    (the others still finish, so that a rerun resumes from what they did)."""
-    waiting, running, failed = list(commands), {}, []
-    free = list(slots)
-    while waiting or running:
-        while waiting and free:
-            slot, cmd = free.pop(0), waiting.pop(0)
-            running[subprocess.Popen(cmd, env={**os.environ, **slot})] = (slot, cmd)
-        for proc in list(running):
-            if proc.poll() is not None:
-                slot, cmd = running.pop(proc)
-                free.append(slot)
-                if proc.returncode:
-                    failed.append(f"{' '.join(cmd)} (exit status {proc.returncode})")
-        time.sleep(0.05)
-    if failed:
-        raise RuntimeError(f"{len(failed)} seed run(s) failed; the first: {failed[0]}. Run the same command "
-                           "again to resume them")
 
 
 def comparisons(rows):
@@ -117,41 +88,18 @@ def merge_report(out, seeds, title):
     return path
 
 
-def cuda_count():
-    """The number of GPUs this process sees."""
-    import torch  # here only: the merge and the launcher need no torch
-    return torch.cuda.device_count()
-
-
-def slots(device_type, workers):
-    """One environment per worker: on a GPU, each worker sees one GPU of those visible (round robin,
-    so more workers than GPUs share them); on the CPU, each gets an equal share of the cores."""
-    if device_type == "cuda":
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        ids = visible.split(",") if visible else [str(i) for i in range(cuda_count())]
-        return [{"CUDA_VISIBLE_DEVICES": ids[i % len(ids)]} for i in range(workers)]
-    threads = str(max((os.cpu_count() or 1) // workers, 1))
-    return [{"OMP_NUM_THREADS": threads} for _ in range(workers)]
-
-
 def run(script, args, mode, out):
     """train_toy.py --seeds: each seed's whole run as its own process of `script` (the seeds not
     finished yet; a finished seed leaves its table.json), then one report over all of them.
     `args`: train_toy.py's flags; `mode`: its compile mode."""
     if os.path.exists(os.path.join(out, "config.json")):
         raise SystemExit(f"error: {out} holds a single-seed run; give --seeds another --out")
-    gpu = args.device.startswith("cuda")
-    if args.workers is not None and args.workers < 1:
-        raise SystemExit(f"error: --workers must be at least 1, got {args.workers}")
-    workers = args.workers or (cuda_count() if gpu else 1)
-    flags = ["--data", args.data, "--preset", args.preset, "--compile", mode,
-             "--device", "cuda" if gpu else args.device]  # a child sees its one GPU as "cuda"
-    flags += ["--data-root", os.path.abspath(args.data_root)] if args.data_root else []
-    flags += ["--teefusion-divisor", str(args.teefusion_divisor)] if args.teefusion_divisor is not None else []
+    n = workers.count(args)
     todo = [s for s in args.seeds if not os.path.exists(os.path.join(out, f"seed-{s}", TABLE))]
-    commands = [child_command(script, flags, s, os.path.join(out, f"seed-{s}")) for s in todo]
+    commands = [workers.command(script, [*workers.flags(args, mode), "--seed", str(s), "--out",
+                                         os.path.join(out, f"seed-{s}")]) for s in todo]
     try:
-        run_all(commands, slots("cuda" if gpu else "cpu", workers))
+        workers.run_all(commands, workers.slots("cuda" if args.device.startswith("cuda") else "cpu", n))
     except RuntimeError as e:
         raise SystemExit(f"error: {e}")
     path = merge_report(out, args.seeds, f"Toy run: {args.data}, preset {args.preset}")

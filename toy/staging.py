@@ -53,12 +53,14 @@ def staged(path, compute):
 
 class Clock:
     """Wall seconds per stage, summed over every invocation of the run (a resumed stage adds the
-    time of each part; a stage loaded from the cache adds the little its loading takes)."""
+    time of each part; a stage loaded from the cache adds the little its loading takes). `out`
+    None: kept in memory only (a process that trains one student stage for the run, whose own
+    clock counts that time)."""
 
     def __init__(self, out):
-        self.path = os.path.join(out, "timing.json")
+        self.path = out and os.path.join(out, "timing.json")
         self.seconds = {}
-        if os.path.exists(self.path):
+        if self.path and os.path.exists(self.path):
             with open(self.path) as f:
                 self.seconds = json.load(f)
 
@@ -69,7 +71,8 @@ class Clock:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()  # the GPU's queued work belongs to this stage
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-        atomic_write(self.path, lambda f: f.write(json.dumps(self.seconds, indent=1).encode()))
+        if self.path:
+            atomic_write(self.path, lambda f: f.write(json.dumps(self.seconds, indent=1).encode()))
 
     def section(self):
         """The report's table: seconds and share of each stage. Returns (title, lines)."""
