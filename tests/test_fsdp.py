@@ -8,6 +8,8 @@ reduces in float32 (parallel.shard), as DDP does there."""
 
 import os
 import re
+import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -156,19 +158,24 @@ def test_fsdp_bad_input(models, data, tmp_path, capsys):
             checks.check_run(args, {k: getattr(args, k) for k in train_sd3.RUN_KEYS})
 
 
-def failing_processes(n, args, folder):
+def failing_processes(n, args, folder, file_limit=None):
     """train_sd3.py in n processes, expected to fail each: the last line of each one's stderr. Started
     here, as torchrun would (its variables), not by torchrun, which stops the others as soon as one
-    exits, perhaps before they print; a process that waits forever fails the test at the timeout."""
+    exits, perhaps before they print; a process that waits forever fails the test at the timeout.
+    `file_limit`: no file written larger than this many bytes (RLIMIT_FSIZE: a write past it fails
+    with EFBIG, as one on a full disk with ENOSPC)."""
     with socket.socket() as s:  # a free port for the processes to meet on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
            "WORLD_SIZE": str(n)}
     files = [open(folder / f"stderr.{r}", "w+") for r in range(n)]
+    def limit():  # in the child: SIGXFSZ ignored, so that a write past the limit fails instead of killing it
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
     procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "train_sd3.py"), *args], cwd=ROOT, stdout=subprocess.
-                              DEVNULL, stderr=files[r], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
-             for r in range(n)]
+                              DEVNULL, stderr=files[r], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              preexec_fn=limit if file_limit else None) for r in range(n)]
     try:
         codes = [p.wait(timeout=240) for p in procs]
     finally:
@@ -200,9 +207,20 @@ def test_absurd_update_and_damaged_shard_stop_every_fsdp_process(models, data, t
     teacher, _ = load_transformer(models[0])
     norm = torch.cat([p.detach().double().flatten() for p in teacher.parameters()]).norm().item()
     assert abs(before - norm) <= 5e-4 * norm  # printed to 4 digits
-    # a run with a checkpoint at step 1, one of whose shard files is then cut short
+    # a run with a checkpoint at step 1. Resumed on a "full disk" (no file over half a shard): both
+    # processes stop with one line naming the new version's folder, which is removed; step 1's stays
     out = tmp_path / "damaged"
     torchrun(2, argv(models, data, out, "cfg", 1, "--fsdp", "--preview-every", "0"))
+    kept = {f: (out / "checkpoint" / f).read_bytes() for f in os.listdir(out / "checkpoint")}
+    shard = min(len(b) for f, b in kept.items() if f.endswith(".distcp"))
+    lines = failing_processes(2, argv(models, data, out, "cfg", 2, "--fsdp", "--preview-every", "0", "--resume"),
+                              tmp_path, file_limit=shard // 2)
+    for line in lines:
+        assert line.startswith(f"error: {out / 'checkpoint.2'}: File too large; "), line
+        assert "the last one is kept" in line
+    assert os.readlink(out / "checkpoint") == "checkpoint.1" and not (out / "checkpoint.2").exists()
+    assert {f: (out / "checkpoint" / f).read_bytes() for f in os.listdir(out / "checkpoint")} == kept
+    # then one of step 1's shard files cut short
     shard = next(f for f in sorted(os.listdir(out / "checkpoint")) if f.endswith(".distcp"))
     with open(out / "checkpoint" / shard, "r+b") as f:
         f.truncate(os.path.getsize(out / "checkpoint" / shard) // 2)

@@ -17,6 +17,7 @@ process reads the student whole from it for diffusers (`read_student`).
 import inspect
 import json
 import os
+import shutil
 import sys
 from contextlib import contextmanager, nullcontext
 from functools import partial
@@ -170,7 +171,15 @@ def save(folder, student, opt, meta):
     new = [checkpoint.next_version(folder) if first else None]
     dist.broadcast_object_list(new)  # one name for all: the first process's listing of the folder
     model_state, optim_state = get_state_dict(student, opt)
-    dcp.save({"student": model_state, "optimizer": optim_state}, checkpoint_id=new[0])  # returns when all is written
+    try:  # returns when all is written
+        dcp.save({"student": model_state, "optimizer": optim_state}, checkpoint_id=new[0])
+    except CheckpointException as e:  # every process is told, once all have tried to write
+        if first:  # the half-written version goes (a full disk gets its space back); FOLDER stays the last one
+            shutil.rmtree(new[0], ignore_errors=True)
+        cause = next(iter(e.failures.values()))[0]
+        if isinstance(cause, OSError):  # a full disk, a quota: one line through checks.one_line_errors
+            raise OSError(cause.errno, cause.strerror, new[0]) from None
+        raise
     if first:
         checkpoint.atomic_write(os.path.join(new[0], RUN_FILE), lambda f: f.write(json.dumps(meta).encode()))
         checkpoint.swap_in(folder, new[0])
