@@ -317,6 +317,8 @@ def train(args, world, rank, device):
             raise SystemExit(f"error: {problem}, {kept}")
         # zeroed in place under DDP, so the gradients stay views of DDP's buckets (parallel.wrap)
         opt.zero_grad(set_to_none=net is student)
+        if args.fsdp and args.fsdp_frozen == "shard":
+            parallel.forget_frozen_passes((teacher, weak))
         # timing and logging: the teacher's and weak model's passes were counted and timed (Meter),
         # so the step's time splits into teacher and student, and model FLOPs give the MFU
         dt = time.perf_counter() - t0
@@ -362,6 +364,8 @@ def train(args, world, rank, device):
             with autocast:
                 preview(os.path.join(out, "previews", f"step_{done:06d}.png"), student, teacher, weak, vae, noise,
                         c, empty.expand(n), args.preview_w, ts, args.teacher, args.w_inv, args.w_weak)
+    if log_file:
+        log_file.close()
     log0(rank, f"done: {'checkpoint, student and ' if args.save_every else ''}log in {os.path.abspath(out)}")
 
 

@@ -229,3 +229,48 @@ def test_absurd_update_and_damaged_shard_stop_every_fsdp_process(models, data, t
     for line in lines:
         assert line.startswith(f"error: {out / 'checkpoint'} is not a readable checkpoint (")
         assert line.endswith("delete it and run again without --resume: training starts over")
+
+
+FROZEN_PASSES = """
+import sys, torch
+from conftest import TINY, random_mmdit
+from tinyteef import parallel
+from tinyteef.guidance import Student
+with parallel.processes(torch.device("cpu")) as (world, rank, device):
+    teacher, student = random_mmdit(0).requires_grad_(False), Student(random_mmdit(1), "teefusion")
+    parallel.shard(student, (teacher, None), device, shard_frozen=True)
+    # FSDP2's record of forwards (private: a torch that renames it gives None, and the test skips)
+    order = lambda: getattr(getattr(teacher._get_fsdp_state(), "_comm_ctx", None), "post_forward_order", None)
+    record = lambda: None if order() is None else len(order())
+    x, t = torch.randn(2, TINY["in_channels"], 8, 8), torch.rand(2)
+    tokens, pooled = torch.randn(2, 5, TINY["joint_attention_dim"]), torch.randn(2, TINY["pooled_projection_dim"])
+    sizes = []
+    for step in range(2):
+        for _ in range(3):  # three passes of the frozen teacher per step, as a reflection target's
+            with torch.no_grad():
+                teacher(x, t, tokens, pooled)
+        sizes.append(record())
+        parallel.forget_frozen_passes((teacher, None))
+        sizes.append(record())
+    open(f"{sys.argv[1]}.{rank}", "w").write(str(sizes))
+"""
+
+
+def test_frozen_sharded_nets_forget_their_passes(tmp_path):
+    """--fsdp-frozen shard: FSDP2 records every forward of a sharded unit for its backward, and the
+    frozen teacher runs none. Three passes of its 4 units (3 blocks, and the root's embedders and
+    final layer) leave 12 entries; forget_frozen_passes, called after each step, empties the
+    record, so it does not grow over a run."""
+    if not hasattr(torch.distributed.fsdp.FSDPModule, "reset_iter_state"):
+        pytest.skip("this torch has no FSDPModule.reset_iter_state: the record stays (the code says so)")
+    script = tmp_path / "frozen.py"
+    script.write_text(FROZEN_PASSES)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), str(tmp_path / "sizes")], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1",
+                            "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])})
+    assert r.returncode == 0, r.stderr[-2000:]
+    if "None" in (tmp_path / "sizes.0").read_text():
+        pytest.skip("this torch keeps FSDP2's record of forwards under another name")
+    for rank in range(2):  # each step: grown by 3 passes x 4 units, then emptied
+        assert (tmp_path / f"sizes.{rank}").read_text() == "[12, 0, 12, 0]"

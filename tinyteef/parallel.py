@@ -71,32 +71,35 @@ def micro_batches(no_sync, rows, step, args, world, rank, device):
 def processes(device):
     """(world, rank, device) of this process: one, or one per GPU under torchrun (which sets
     WORLD_SIZE, RANK and LOCAL_RANK), joined by NCCL between GPUs or gloo on the CPU (the tests run
-    two CPU processes). The group is destroyed on the way out.
+    two CPU processes).
 
-    A process of several that stops with an error (SystemExit: one line, as train_sd3.py's checks
-    raise it) prints it and leaves by os._exit, without Python's shutdown: a gloo thread may still be
-    freeing the tensors of the last collective, which needs the interpreter, and a thread that asks
-    for it during shutdown is killed mid-way, which aborts the process (exit -6, not 1; seen about
-    every second run of tests/test_fsdp.py's damaged shard)."""
+    A process of several leaves by os._exit once the group is destroyed, having printed its error
+    line if it stopped with one (SystemExit, as train_sd3.py's checks raise it): not by Python's
+    shutdown, because a gloo thread may still be freeing the tensors of the last collectives, which
+    needs the interpreter, and a thread that asks for it during the shutdown is killed mid-way,
+    which aborts the process (exit -6 after the right output; seen in about every second run of
+    tests/test_fsdp.py's damaged shard, and now and then after a barrier, whose work holds the
+    works before it). Another exception keeps its traceback and Python's shutdown."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if world == 1:
+        yield world, rank, device
+        return
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         yield world, rank, device
+        code = 0
     except SystemExit as e:
-        if world == 1:
-            raise
+        code = e.code if isinstance(e.code, int) else 1
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(e.code if isinstance(e.code, int) else 1)
     finally:
-        if world > 1:
-            dist.destroy_process_group()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def barrier(world):
@@ -148,6 +151,17 @@ def wrap(student, device, world, fsdp=False, grad_sync="step"):
     net = DDP(student, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
               **buffers)
     return net, net.no_sync
+
+
+def forget_frozen_passes(frozen):
+    """After a step, for `frozen` nets sharded by `shard`: FSDP2 records every forward of a sharded
+    module for the prefetching of its backward, and forgets the record in that backward; a frozen
+    net never runs one, so its record grows by one entry per block and pass (about 80 kB per step
+    at batch 128 in micro-batches of 4 with W2SD). FSDPModule.reset_iter_state clears it; where
+    torch lacks it (2.11 does; 2.14 has it) the record stays."""
+    for net in filter(None, frozen):
+        if hasattr(net, "reset_iter_state"):
+            net.reset_iter_state()
 
 
 @contextmanager
