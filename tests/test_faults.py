@@ -45,6 +45,29 @@ def test_cache_reencodes_what_changed(models, tmp_path):
     assert torch.equal(x, x_ref) and torch.equal(c.tokens, c_ref.tokens) and torch.equal(c.pooled, c_ref.pooled)
 
 
+def test_cache_of_other_encoder_weights_is_refused(models, tmp_path):
+    """New text encoder or VAE weights at the same --model path: the cache encoded from the old ones
+    is refused in one line naming a changed file. The transformer's files are not the cache's, so a
+    new transformer keeps it; neither is looked at for a cache made before the files were recorded."""
+    model = tmp_path / "model"
+    shutil.copytree(models[0], model)
+    folder = write_images(tmp_path / "data", 2)
+    build = lambda: cache.build(str(tmp_path / "cache"), str(model), folder, 32, 8, 2, torch.device("cpu"))
+    build()
+    for sub in ("transformer",):  # rewritten, one second later: the cache stays
+        for name in os.listdir(model / sub):
+            os.utime(model / sub / name, ns=(0, os.stat(model / sub / name).st_mtime_ns + 10**9))
+    build()
+    vae = next(f for f in sorted(os.listdir(model / "vae")) if f.endswith(".safetensors"))
+    os.utime(model / "vae" / vae, ns=(0, os.stat(model / "vae" / vae).st_mtime_ns + 10**9))
+    with pytest.raises(ValueError, match=f"encoded from other text encoder or VAE files of {model} "
+                                         f"\\(vae/{vae} and 0 more changed size or time\\): delete"):
+        build()
+    settings = tmp_path / "cache" / "settings.json"  # as a cache written before encoder_files existed
+    settings.write_text(json.dumps({k: v for k, v in json.loads(settings.read_text()).items() if k != "encoder_files"}))
+    assert len(build()) == 2
+
+
 def test_update_check_threshold_by_hand():
     layer = torch.nn.Linear(2, 1)
     with torch.no_grad():

@@ -9,7 +9,10 @@ encoders, once, so that distillation runs with the encoders freed (T5-XXL alone 
                                    and the sources of every row
 
 A cache made with other settings is refused: latents and text embeddings from another encoder
-dtype or T5 length have produced NaN losses in other training code. Each item records what it
+dtype or T5 length have produced NaN losses in other training code. The settings include the name,
+size and modification time of every file of the text encoders, tokenizers and VAE
+(`encoder_files`), so new weights at the same --model path are not met with old encodings (the
+transformer's own files do not enter: the cache does not depend on them). Each item records what it
 was made from (image name, size, modification time, caption), so a re-run into the same cache
 re-encodes exactly the items whose image or caption changed, new images and skipped images that
 changed (a corrupt file replaced by a good one). Items are written one by one, so a stopped
@@ -56,13 +59,34 @@ def item_source(folder, i):
         return None
 
 
+def encoder_files(model_dir):
+    """{file: [size, modification time in ns]} of every file that stage 1 reads from the SD3 folder
+    `model_dir` (text encoders, tokenizers, VAE), by path inside it."""
+    found = {}
+    for sub in sorted(os.listdir(model_dir)):
+        if sub.startswith(("text_encoder", "tokenizer", "vae")) and os.path.isdir(os.path.join(model_dir, sub)):
+            for root, _, names in os.walk(os.path.join(model_dir, sub)):
+                for name in names:
+                    st = os.stat(os.path.join(root, name))
+                    found[os.path.relpath(os.path.join(root, name), model_dir)] = [st.st_size, st.st_mtime_ns]
+    return dict(sorted(found.items()))
+
+
 def check_settings(folder, settings):
-    """Write settings.json into a new cache folder, or refuse a cache made with other settings."""
+    """Write settings.json into a new cache folder, or refuse a cache made with other settings (one
+    made before `encoder_files` was recorded is taken as it was)."""
     path = os.path.join(folder, "settings.json")
     if os.path.isfile(path):
         with open(path) as f:
             made = json.load(f)
-        for k in sorted(set(made) | set(settings)):
+        if "encoder_files" in settings and "encoder_files" in made and made["encoder_files"] != settings[
+                "encoder_files"]:
+            changed = sorted(set(made["encoder_files"]) ^ set(settings["encoder_files"]) | {
+                k for k in made["encoder_files"] if made["encoder_files"][k] != settings["encoder_files"].get(k)})
+            raise ValueError(f"the cache in {folder} was encoded from other text encoder or VAE files of "
+                             f"{settings['model']} ({changed[0]} and {len(changed) - 1} more changed size or time): "
+                             f"delete {folder} to encode again, or use another --out")
+        for k in sorted((set(made) | set(settings)) - {"encoder_files"}):
             if made.get(k) != settings.get(k):
                 raise ValueError(f"the cache in {folder} was made with {k} = {made.get(k)!r} but this run asks "
                                  f"for {settings.get(k)!r}: delete {folder} to encode again, or use another --out")
@@ -144,7 +168,7 @@ def build(folder, model_dir, data_dir, resolution, t5_length, batch_size, device
     items = list_items(data_dir) if items is None else items
     sources = [source_of(data_dir, path, caption) for path, caption in items]
     settings = {"model": model_dir, "data": data_dir, "resolution": resolution, "encoder_dtype": str(dtype),
-                "t5_length": t5_length}
+                "t5_length": t5_length, "encoder_files": encoder_files(model_dir)}
     if rank == 0:
         check_settings(folder, settings)
     if world > 1:
