@@ -75,8 +75,9 @@ def parse_args(argv=None):
                    help="processes at once, one per GPU: the seeds of --seeds, or else the student stages of the "
                         "run (default: one per visible GPU; 1 on a CPU)")
     p.add_argument("--only-students", choices=STAGES, default=None,
-                   help="train only this stage's students (into --out, whose teacher is trained) and stop; the run "
-                        "starts one such process per stage itself when --workers is above 1")
+                   help="train only this stage's students into --out (after its evaluator and teacher, trained "
+                        "first if not there) and stop; a run starts one such process per stage itself when --workers "
+                        "is above 1")
     p.add_argument("--compile", choices=COMPILE_MODES, default=None,
                    help="the fast path (toy/fast.py): off = eager; fuse = torch.compile; graphs = also CUDA "
                         "graphs, each fixed-shape call recorded once and replayed (default: graphs on a GPU, off "
