@@ -3,7 +3,7 @@
     python train_toy.py                                    # CIFAR-10 (downloaded on first use)
     python train_toy.py --data shapes                      # generated in code, needs nothing
     python train_toy.py --data fashion-mnist --data-root /usr/share/datasets/fashion-mnist
-    python train_toy.py --preset smoke --device cpu        # every stage, tiny, in about 30 s on 2 cores
+    python train_toy.py --preset smoke --device cpu        # every stage, tiny, in about 35 s on 2 cores
     python train_toy.py --compile off                      # the eager path on a GPU (default: graphs)
 
 Stages, each cached in --out and skipped when its result is there (a stopped run resumes):

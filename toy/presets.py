@@ -51,7 +51,7 @@ class Preset:
 
 
 PRESETS = {
-    # every stage and report section, tiny, on a CPU in about 30 s on 2 cores (CI runs it): its
+    # every stage and report section, tiny, on a CPU in about 35 s on 2 cores (CI runs it): its
     # numbers only show that each stage ran. A half-width evaluator (a quarter of the convolutions'
     # work); 16 scored images, ms / image from the second batch of 8; students at batch 4, so the
     # fidelity grid uses 2 images per cell; the teacher at batch 16 still falls to the loss of 32
