@@ -1,6 +1,7 @@
 """Training over several processes: how a step's batch is dealt out, and sharding with FSDP2.
 
-A step's batch is cut into micro-batches dealt over the processes (`global_rows`, `micro_batches`),
+The processes (one per GPU under torchrun) join and leave their group through `processes`. A
+step's batch is cut into micro-batches dealt over them (`global_rows`, `micro_batches`),
 each with a generator seeded by (seed, step, micro-batch): the numbers of a run do not depend on
 how many processes share it. train_sd3.py keeps the gradients in step with DDP, or with `--fsdp`:
 
