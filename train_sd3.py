@@ -287,7 +287,7 @@ def train(args, world, rank, device):
         rows = global_rows(args.seed, step, args.batch_size, len(data))  # the step's samples, all processes
         total = torch.zeros((), device=device)
         # Alg. 1's loop body, micro-batch by micro-batch, gradients accumulating over the batch
-        for rows_m, g, sync in micro_batches(no_sync, rows, step, args, world, rank, device):
+        for rows_m, g, sync in micro_batches(no_sync, rows, step, args.seed, args.micro_batch, world, rank, device):
             x0, c = data.get(rows_m, device)  # line 3: x0, c ~ D (VAE latents and text, from the cache)
             u = empty.expand(len(rows_m))  # ∅ for every sample
             with sync, autocast:

@@ -1,5 +1,5 @@
 """The toy's fast path (toy/fast.py) computes what the eager path computes, to float rounding: the
-teacher stage and a student stage of train_toy.py, run with compile mode "off" and with "fuse" (the
+teacher stage and a student stage (toy/students.py), run with compile mode "off" and with "fuse" (the
 nets compiled, AdamW fused), give the same weights. On the CPU the compiled graphs run through
 AOTAutograd's eager backend: Dynamo's capture and the autograd graph are the fast path's; only
 Inductor's generated kernels (which need a GPU's Triton or a C++ toolchain) are not exercised."""

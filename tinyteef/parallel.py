@@ -51,19 +51,19 @@ def global_rows(seed, step, batch_size, n):
     return [perms[p // n][p % n].item() for p in positions]
 
 
-def micro_batches(no_sync, rows, step, args, world, rank, device):
+def micro_batches(no_sync, rows, step, seed, mb, world, rank, device):
     """This process's share of optimizer step `step`, as (data rows, generator, context) per
-    micro-batch: the batch of --batch-size samples is cut into micro-batches of --micro-batch
+    micro-batch: the step's `rows` (its whole batch) are cut into micro-batches of `mb` rows
     (gradient accumulation), dealt over the processes (micro-batch m = j * world + rank). Every
-    random draw of micro-batch m comes from its own generator, seeded by (--seed, step, m), so the
+    random draw of micro-batch m comes from its own generator, seeded by (seed, step, m), so the
     step index is the whole random state, whatever the number of processes. The context is
     `no_sync()` (DDP's no_sync, or `fsdp_no_sync`) but for the last micro-batch: the gradients are
     reduced once per step."""
-    A, mb = args.batch_size // args.micro_batch, args.micro_batch  # micro-batches per step, all processes
+    A = len(rows) // mb  # micro-batches per step, all processes
     accum = A // world
     for j in range(accum):
         m = j * world + rank
-        g = torch.Generator(device).manual_seed(args.seed * 1_000_000_007 + step * A + m)
+        g = torch.Generator(device).manual_seed(seed * 1_000_000_007 + step * A + m)
         sync = world == 1 or j == accum - 1
         yield rows[m * mb:(m + 1) * mb], g, nullcontext() if sync else no_sync()
 

@@ -7,7 +7,7 @@
   fixed-shape call as a CUDA graph and replays it, so the ~200 kernels of a toy forward pass are
   launched by one call instead of one Python dispatch each (torch.compile's "reduce-overhead").
   A recorded call's outputs (a training step's gradients among them) live in memory that the next
-  replay writes over, so each optimizer steps right after its own backward (train_toy.py's students).
+  replay writes over, so each optimizer steps right after its own backward (toy/students.py).
 - `adamw(params, lr, fused)`: AdamW with its update fused into one kernel per parameter group.
 
 Both change results by float rounding only (tests/test_toy_fast.py compares them with the eager
